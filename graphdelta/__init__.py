@@ -1,0 +1,31 @@
+"""graphdelta: a compiler for hybrid linear-attention language models.
+
+- ``graphdelta.ops``: the gated delta rule (GDN, KDA), its decode step, the causal conv1d, as
+  graph-visible ``torch.ops.graphdelta.*`` ops with fla-compatible signatures;
+- ``graphdelta.reference``: the token-by-token reference every implementation is checked against;
+- ``graphdelta.testing`` / ``python -m graphdelta.fuzz``: hypothesis strategies and the checker.
+"""
+from graphdelta import ops, reference
+from graphdelta.ops import (
+    causal_conv1d,
+    causal_conv1d_update,
+    chunk_gated_delta_rule,
+    chunk_kda,
+    fused_recurrent_gated_delta_rule,
+    gated_delta_rule_decode,
+    recurrent_gated_delta_rule,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "reference",
+    "chunk_gated_delta_rule",
+    "chunk_kda",
+    "recurrent_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "gated_delta_rule_decode",
+    "causal_conv1d",
+    "causal_conv1d_update",
+]

@@ -1,0 +1,153 @@
+"""The chunked gated delta rule, vectorized in PyTorch: the CPU implementation of
+``graphdelta.ops.chunk_gated_delta_rule``.
+
+Per chunk of C tokens, with G the chunk-local cumulative log-decay and S the state at the
+chunk start (notation of the DeltaNet / Gated DeltaNet papers)::
+
+    A[i, j] = beta_i sum_c k_ic k_jc exp(G_ic - G_jc)      (j < i)
+    (I + A) [u | w] = [beta v | beta k exp(G)]              (one triangular solve)
+    U = u - w S                                            (the delta-rule corrections)
+    o = (q exp(G)) S + P U,   P[i, j] = sum_c q_ic k_jc exp(G_ic - G_jc)  (j <= i)
+    S' = exp(G_last) S + (k exp(G_last - G))^T U
+
+Every quantity except the scan over chunks is computed for all chunks at once; every exponent
+is a difference inside a chunk with the non-causal entries masked to -inf before the exp.
+"""
+from __future__ import annotations
+
+import torch
+
+from graphdelta.reference import l2norm
+from .varlen import Packing, pad_to_multiple
+
+SUBCHUNK = 16
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+
+
+def decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, strict: bool) -> torch.Tensor:
+    """``M[i, j] = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j < i`` (strict) or ``j <= i``, else 0.
+
+    a, b: ``[..., C, K]`` (broadcastable); G: ``[..., C]`` (scalar gate) or ``[..., C, K]``
+    (per-channel gate), non-increasing along C. Returns ``[..., C, C]``.
+    """
+    mask = _causal_mask(a.shape[-2], strict, a.device)
+    if G.dim() == a.dim():
+        return _decayed_gram_per_channel(a, b, G, mask)
+    decay = torch.where(mask, G.unsqueeze(-1) - G.unsqueeze(-2), float("-inf")).exp()
+    return (a @ b.transpose(-1, -2)) * decay
+
+
+def _decayed_gram_per_channel(a, b, G, mask) -> torch.Tensor:
+    # A per-channel decay cannot be pulled out of the dot product, and the full [C, C, K]
+    # tensor is too large. Blocks below the diagonal of 16x16 sub-chunks go through a
+    # reference row r between j and i: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), two
+    # factors <= 1 that cannot overflow. Only the diagonal sub-blocks are computed directly.
+    C, K = G.shape[-2:]
+    bs = min(SUBCHUNK, C)
+    nb = C // bs
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2], G.shape[:-2])
+    a, b, G = (x.expand(*lead, C, K) for x in (a, b, G))
+    Gblk = G.unflatten(-2, (nb, bs))  # [..., nb, bs, K]
+    Gref = Gblk[..., 0, :]  # [..., nb, K]: first row of each block
+    a_scaled = a.unflatten(-2, (nb, bs)) * (Gblk - Gref.unsqueeze(-2)).exp()
+    before_ref = torch.arange(C, device=G.device)[None, :] < (torch.arange(nb, device=G.device) * bs)[:, None]
+    expo = Gref.unsqueeze(-2) - G.unsqueeze(-3)  # [..., nb, C, K]
+    b_scaled = b.unsqueeze(-3) * torch.where(before_ref[..., None], expo, float("-inf")).exp()
+    M = (a_scaled @ b_scaled.transpose(-1, -2)).flatten(-3, -2)  # [..., C, C]
+
+    ablk, bblk = a.unflatten(-2, (nb, bs)), b.unflatten(-2, (nb, bs))
+    diff = Gblk.unsqueeze(-2) - Gblk.unsqueeze(-3)  # [..., nb, bs, bs, K]
+    decay = torch.where(mask[:bs, :bs, None], diff, float("-inf")).exp()
+    diag = (ablk.unsqueeze(-2) * bblk.unsqueeze(-3) * decay).sum(-1)  # [..., nb, bs, bs]
+    M = M.unflatten(-2, (nb, bs)).unflatten(-1, (nb, bs)).clone()  # [..., nb, bs, nb, bs]
+    torch.diagonal(M, dim1=-4, dim2=-2).add_(diag.movedim(-3, -1))
+    return M.flatten(-4, -3).flatten(-2, -1)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    state_layout: str,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule on validated inputs (shapes as in ``graphdelta.ops``).
+
+    Returns ``o`` ``[B, T, HV, V]`` in v's dtype and the final state ``[N, HV, K, V]`` (kv) or
+    ``[N, HV, V, K]`` (vk) in float32 (float64 for float64 inputs).
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    Gs = HV // H
+    out_dtype, cdt = v.dtype, compute_dtype(v.dtype)
+    per_channel = g.dim() == 4
+    q, k, v, g, beta = (x.to(cdt) for x in (q, k, v, g, beta))
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q = q * scale
+
+    packing = None
+    if cu_seqlens is not None:
+        packing = Packing.from_cu_seqlens(cu_seqlens, SUBCHUNK)
+        q, k, v, g, beta = (packing.pad(x) for x in (q, k, v, g, beta))
+    N, L = q.shape[:2]
+    # Short inputs get a smaller chunk (a multiple of the 16-token sub-chunk).
+    C = min(chunk_size, -(-max(L, 1) // SUBCHUNK) * SUBCHUNK)
+    q, k, v, g, beta = (pad_to_multiple(x, C) for x in (q, k, v, g, beta))
+    NC = q.shape[1] // C
+
+    # Heads-first chunked views: key tensors [N, H, 1, NC, C, K] broadcast over the Gs value
+    # heads that read them; value-side tensors [N, H, Gs, NC, C, ...].
+    def heads_first(x: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+        x = x.reshape(N, NC, C, heads, groups, *x.shape[3:])
+        return x.movedim((3, 4), (1, 2))
+
+    qc, kc = heads_first(q, H, 1), heads_first(k, H, 1)
+    vc, bc, gc = heads_first(v, H, Gs), heads_first(beta, H, Gs), heads_first(g, H, Gs)
+    G = gc.cumsum(dim=4)  # restarts at every chunk
+    G_last = G[:, :, :, :, -1]  # [N, H, Gs, NC] or [N, H, Gs, NC, K]
+    expG = (G if per_channel else G.unsqueeze(-1)).exp()
+
+    A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
+    P = decayed_gram(qc, kc, G, strict=False)
+    rhs = torch.cat([vc * bc.unsqueeze(-1), kc * bc.unsqueeze(-1) * expG], dim=-1)
+    # unitriangular=True reads only the strictly lower part: A is used as I + A.
+    uw = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    u, w = uw[..., :V], uw[..., V:]
+    qg = qc * expG
+    tail = (G_last.unsqueeze(-2) - G) if per_channel else (G_last.unsqueeze(-1) - G).unsqueeze(-1)
+    kd = kc * tail.exp()
+    state_decay = G_last.exp().unsqueeze(-1) if per_channel else G_last.exp()[..., None, None]
+
+    S = q.new_zeros(N, H, Gs, K, V)
+    if initial_state is not None:
+        init = initial_state if state_layout == "kv" else initial_state.transpose(-1, -2)
+        S = init.to(cdt).reshape(N, H, Gs, K, V).clone()
+    starts = []
+    for c in range(NC):
+        starts.append(S)
+        U_c = u[:, :, :, c] - w[:, :, :, c] @ S
+        u[:, :, :, c] = U_c
+        S = S * state_decay[:, :, :, c] + kd[:, :, :, c].transpose(-1, -2) @ U_c
+    U = u
+    o = qg @ torch.stack(starts, dim=3) + P @ U  # [N, H, Gs, NC, C, V]
+    o = o.movedim((1, 2), (3, 4)).reshape(N, NC * C, HV, V)[:, :L]
+    if packing is not None:
+        o = packing.unpad(o, T)
+    final = S.reshape(N, HV, K, V)
+    if state_layout == "vk":
+        final = final.transpose(-1, -2)
+    return o.to(out_dtype), final.contiguous()

@@ -1,0 +1,112 @@
+"""The gated delta rule token by token in PyTorch (vectorized over sequences and heads): the
+CPU implementation of ``recurrent_gated_delta_rule`` and of the in-place decode step over a
+state pool.
+"""
+from __future__ import annotations
+
+import torch
+
+from graphdelta.reference import l2norm
+from .torch_chunk import compute_dtype
+from .varlen import Packing
+
+
+def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
+    """Compute-dtype, grouped views: q, k ``[N, T, H, 1, K]``; v ``[N, T, H, G, V]``;
+    g ``[N, T, H, G, 1 or K, 1]``; beta ``[N, T, H, G, 1]``."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    cdt = compute_dtype(v.dtype)
+    q, k, v, g, beta = (x.to(cdt) for x in (q, k, v, g, beta))
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q = q * scale
+    G = HV // H
+    g = g.reshape(B, T, H, G, -1, 1)
+    return q.unsqueeze(3), k.unsqueeze(3), v.reshape(B, T, H, G, V), g, beta.reshape(B, T, H, G, 1)
+
+
+def _step(S, q_t, k_t, v_t, g_t, beta_t):
+    """One token for a state ``S`` ``[N, H, G, K, V]``; returns (new state, output ``[N, H, G, V]``)."""
+    S = S * g_t.exp()
+    residual = v_t - (k_t.unsqueeze(-2) @ S).squeeze(-2)
+    S = S + k_t.unsqueeze(-1) * (beta_t * residual).unsqueeze(-2)
+    return S, (q_t.unsqueeze(-2) @ S).squeeze(-2)
+
+
+def _to_kv(state: torch.Tensor, state_layout: str) -> torch.Tensor:
+    return state if state_layout == "kv" else state.transpose(-1, -2)
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    state_layout: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token gated delta rule on validated inputs; same contract as the chunked one."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    out_dtype = v.dtype
+    packing = None
+    if cu_seqlens is not None:
+        packing = Packing.from_cu_seqlens(cu_seqlens)
+        q, k, v, g, beta = (packing.pad(x) for x in (q, k, v, g, beta))
+    N, L = q.shape[:2]
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    S = q.new_zeros(N, H, HV // H, K, V)
+    if initial_state is not None:
+        S = _to_kv(initial_state, state_layout).to(S.dtype).reshape(S.shape)
+    outs = []
+    for t in range(L):
+        S, o_t = _step(S, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
+        outs.append(o_t)
+    o = torch.stack(outs, dim=1).reshape(N, L, HV, V) if outs else v.new_zeros(N, 0, HV, V)
+    if packing is not None:
+        o = packing.unpad(o, T)
+    final = S.reshape(N, HV, K, V)
+    return o.to(out_dtype), _to_kv(final, state_layout).contiguous()
+
+
+def gated_delta_rule_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    scale: float,
+    use_qk_l2norm_in_kernel: bool,
+    state_layout: str,
+    output_intermediate_states: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T tokens for each of B sequences whose states live in ``state_pool[state_indices]``.
+
+    Updates the pool in place; rows with index -1 read and write nothing and get a zero
+    output. Returns ``o`` ``[B, T, HV, V]`` and, if asked, the state after every token
+    ``[B, T, HV, K, V]`` (kv) / ``[B, T, HV, V, K]`` (vk) in the pool's dtype (else ``[0]``).
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    rows = (state_indices >= 0).nonzero().squeeze(1)
+    slots = state_indices[rows].long()
+    qs, ks, vs, gs, bs = _prepare(
+        *(x[rows] for x in (q, k, v, g, beta)), scale, use_qk_l2norm_in_kernel
+    )
+    S = _to_kv(state_pool[slots], state_layout).to(qs.dtype).reshape(-1, H, HV // H, K, V)
+    o = v.new_zeros(B, T, HV, V)
+    inter = state_pool.new_zeros((B, T, *state_pool.shape[1:]) if output_intermediate_states else (0,))
+    for t in range(T):
+        S, o_t = _step(S, qs[:, t], ks[:, t], vs[:, t], gs[:, t], bs[:, t])
+        o[rows, t] = o_t.reshape(-1, HV, V).to(o.dtype)
+        if output_intermediate_states:
+            inter[rows, t] = _to_kv(S.reshape(-1, HV, K, V), state_layout).to(inter.dtype)
+    state_pool[slots] = _to_kv(S.reshape(-1, HV, K, V), state_layout).to(state_pool.dtype)
+    return o, inter
