@@ -54,8 +54,8 @@ def check_cu_seqlens(cu_seqlens, batch: int, total: int) -> int:
         offsets = cu_seqlens.tolist()
         if offsets[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {offsets[:4]}...")
-        if any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
+        if any(b <= a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequence), got {offsets}")
         if offsets[-1] != total:
             raise ValueError(f"cu_seqlens must end at T={total}, got last value {offsets[-1]}")
     return cu_seqlens.shape[0] - 1

@@ -123,10 +123,15 @@ def chunk_gated_delta_rule(
 
     A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
     P = decayed_gram(qc, kc, G, strict=False)
-    rhs = torch.cat([vc * bc.unsqueeze(-1), kc * bc.unsqueeze(-1) * expG], dim=-1)
-    # unitriangular=True reads only the strictly lower part: A is used as I + A.
-    uw = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    u, w = uw[..., :V], uw[..., V:]
+    # The inverse of I + A, then two batched matmuls, is ~4x faster on CPU than solving for the
+    # K + V right-hand sides directly (benchmarks/ops_cpu.py). unitriangular=True reads only
+    # the strictly lower part of A, so A stands for I + A.
+    # A flat batch is ~3x faster than the same solve over 6 batch dimensions.
+    flat = A.reshape(-1, C, C)
+    eye = torch.eye(C, dtype=cdt, device=q.device).repeat(flat.shape[0], 1, 1)
+    A_inv = torch.linalg.solve_triangular(flat, eye, upper=False, unitriangular=True).view(A.shape)
+    u = A_inv @ (vc * bc.unsqueeze(-1))
+    w = A_inv @ (kc * bc.unsqueeze(-1) * expG)
     qg = qc * expG
     tail = (G_last.unsqueeze(-2) - G) if per_channel else (G_last.unsqueeze(-1) - G).unsqueeze(-1)
     kd = kc * tail.exp()

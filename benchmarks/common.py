@@ -1,0 +1,77 @@
+"""Shared benchmark plumbing: timing by median of repeats, the run's environment, and the
+JSON / Markdown / PNG outputs every benchmark writes."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA-synchronized when a GPU is in use)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    return env
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[dict], columns: list[str], command: str,
+                  plot: Callable[[Path], None] | None = None) -> str:
+    """Write ``results/<name>.json``, ``.md`` (and ``.png`` via ``plot``); return the Markdown."""
+    RESULTS.mkdir(exist_ok=True)
+    env = environment()
+    (RESULTS / f"{name}.json").write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=2))
+    header = ", ".join(f"{k} {v}" for k, v in env.items())
+    md = f"`{command}`\n\n{header}\n\n{markdown_table(rows, columns)}\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    if plot is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            plot(RESULTS / f"{name}.png")
+        except ImportError:
+            print("matplotlib is not installed: no plot written")
+    return md

@@ -1,0 +1,97 @@
+"""Every malformed input raises ValueError or TypeError naming the argument and its values."""
+import pytest
+import torch
+
+import graphdelta as gd
+from graphdelta.testing import ProblemSpec
+
+P = ProblemSpec(B=2, T=5, H=2, group=2, K=16, V=8, initial_state=True).build()
+BASE = P.kwargs()
+VARLEN = ProblemSpec(B=1, T=5, H=1, K=16, V=8, seqlens=(2, 3)).build().kwargs()
+
+CASES = [  # (changes to BASE, error type, message fragment)
+    (dict(v=torch.randn(2, 5, 3, 8)), ValueError, "HV=3 must be a positive multiple of key heads H=2"),
+    (dict(k=torch.randn(2, 5, 2, 8)), ValueError, "k must have the shape of q"),
+    (dict(v=torch.randn(2, 4, 4, 8)), ValueError, "v must start with [B, T]"),
+    (dict(g=torch.randn(2, 5, 2)), ValueError, "g must be [B, T, HV]"),
+    (dict(g=torch.randn(2, 5, 4, 8)), ValueError, "g must be [B, T, HV]"),
+    (dict(beta=torch.rand(2, 5, 4, 1)), ValueError, "beta must be [B, T, HV]"),
+    (dict(initial_state=torch.zeros(2, 4, 8, 16)), ValueError, "initial_state must be [2, 4, 16, 8]"),
+    (dict(initial_state=torch.zeros(2, 4, 16, 8), state_layout="vk"), ValueError,
+     "initial_state must be [2, 4, 8, 16] for state_layout='vk'"),
+    (dict(initial_state=torch.zeros(3, 4, 16, 8)), ValueError, "N=2"),
+    (dict(state_layout="kvv"), ValueError, "state_layout must be one of"),
+    (dict(q=torch.randn(2, 5, 2, 300), k=torch.randn(2, 5, 2, 300), g=torch.zeros(2, 5, 4)),
+     ValueError, "K=300 must be in [1, 256]"),
+    (dict(v=torch.randn(2, 5, 4, 257)), ValueError, "V=257"),
+    (dict(q=torch.randn(2, 5, 2, 16, dtype=torch.float64).to(torch.int32)), TypeError, "q has dtype torch.int32"),
+    (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    (dict(scale="0.5"), TypeError, "scale must be a float"),
+    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), initial_state=None), ValueError,
+     "packed batch of size 1, got batch size 2"),
+]
+VARLEN_CASES = [
+    (dict(cu_seqlens=torch.tensor([1, 5], dtype=torch.int32)), "must start at 0"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 3, 5], dtype=torch.int32)), "strictly increasing"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32)), "strictly increasing"),
+    (dict(cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)), "must end at T=5, got last value 4"),
+    (dict(cu_seqlens=torch.tensor([0.0, 5.0])), "cu_seqlens has dtype torch.float32"),
+]
+
+
+@pytest.mark.parametrize("op", [gd.chunk_gated_delta_rule, gd.recurrent_gated_delta_rule])
+@pytest.mark.parametrize("changes,error,message", CASES)
+def test_bad_input_raises(op, changes, error, message):
+    with pytest.raises(error, match=_escape(message)):
+        op(**{**BASE, **changes})
+
+
+@pytest.mark.parametrize("changes,message", VARLEN_CASES)
+def test_bad_cu_seqlens_raises(changes, message):
+    with pytest.raises((ValueError, TypeError), match=_escape(message)):
+        gd.chunk_gated_delta_rule(**{**VARLEN, **changes})
+
+
+def test_bad_decode_inputs_raise():
+    kw = {n: BASE[n] for n in ("q", "k", "v", "g", "beta")}
+    pool = torch.zeros(3, 4, 16, 8)
+    with pytest.raises(ValueError, match=_escape("state_indices must lie in [-1, 2] (pool size 3), got min -2 max 1")):
+        gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([-2, 1]))
+    with pytest.raises(ValueError, match=_escape("max 3")):
+        gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=_escape("state_pool must be [3, 4, 8, 16] for state_layout='vk'")):
+        gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([0, 1]), state_layout="vk")
+    with pytest.raises(TypeError, match="state_pool has dtype torch.bfloat16"):
+        gd.gated_delta_rule_decode(**kw, state_pool=pool.bfloat16(), state_indices=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=_escape("state_indices must be [B] = [2]")):
+        gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([0]))
+
+
+def test_bad_conv_inputs_raise():
+    x, w = torch.randn(2, 7, 6), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="x has 5 channels"):
+        gd.causal_conv1d(torch.randn(2, 7, 5), w)
+    with pytest.raises(ValueError, match=_escape("bias must be [D] = [6]")):
+        gd.causal_conv1d(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match=_escape("initial_state must be [N, D=6, S >= W-1=3]")):
+        gd.causal_conv1d(x, w, None, torch.randn(2, 6, 2))
+    with pytest.raises(ValueError, match="activation must be"):
+        gd.causal_conv1d(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="initial_state must hold N=2 states"):
+        gd.causal_conv1d(x, w, None, torch.randn(3, 6, 3))
+    with pytest.raises(ValueError, match=_escape("conv_state must be [N, D=6, S >= W-1=3]")):
+        gd.causal_conv1d_update(x[:, 0], torch.randn(2, 6, 1), w)
+    with pytest.raises(ValueError, match="conv_state holds 1 states for a batch of 2"):
+        gd.causal_conv1d_update(x[:, 0], torch.randn(1, 6, 3), w)
+
+
+def test_unknown_backend_raises(monkeypatch):
+    monkeypatch.setenv("GRAPHDELTA_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="GRAPHDELTA_BACKEND must be one of"):
+        gd.chunk_gated_delta_rule(**BASE)
+
+
+def _escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
