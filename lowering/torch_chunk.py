@@ -71,6 +71,32 @@ def _decayed_gram_per_channel(a, b, G, mask) -> torch.Tensor:
     return M.flatten(-4, -3).flatten(-2, -1)
 
 
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^-1`` for strictly lower-triangular ``A`` ``[..., C, C]`` (C a multiple of 16 or <= 16).
+
+    Forward substitution inside the 16x16 diagonal blocks, vectorized over every block, then a
+    merge of the block rows: ``T_ij = -T_ii sum_{j <= l < i} A_il T_lj``. Only the lower
+    triangle is ever computed.
+    """
+    C = A.shape[-1]
+    bs = min(SUBCHUNK, C)
+    nb = C // bs
+    blocks = A.unflatten(-2, (nb, bs)).unflatten(-1, (nb, bs)).diagonal(dim1=-4, dim2=-2)
+    blocks = blocks.movedim(-1, -3)  # [..., nb, bs, bs]: the diagonal blocks
+    inv = torch.eye(bs, dtype=A.dtype, device=A.device).expand(blocks.shape).clone()
+    for i in range(1, bs):
+        inv[..., i, :i] = -(blocks[..., i, :i, None] * inv[..., :i, :i]).sum(-2)
+    if nb == 1:
+        return inv.squeeze(-3)
+    T = A.new_zeros(A.shape)
+    T[..., :bs, :bs] = inv[..., 0, :, :]
+    for i in range(1, nb):
+        rows = slice(i * bs, (i + 1) * bs)
+        T[..., rows, rows] = inv[..., i, :, :]
+        T[..., rows, : i * bs] = -inv[..., i, :, :] @ (A[..., rows, : i * bs] @ T[..., : i * bs, : i * bs])
+    return T
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,13 +149,10 @@ def chunk_gated_delta_rule(
 
     A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
     P = decayed_gram(qc, kc, G, strict=False)
-    # The inverse of I + A, then two batched matmuls, is ~4x faster on CPU than solving for the
-    # K + V right-hand sides directly (benchmarks/ops_cpu.py). unitriangular=True reads only
-    # the strictly lower part of A, so A stands for I + A.
-    # A flat batch is ~3x faster than the same solve over 6 batch dimensions.
-    flat = A.reshape(-1, C, C)
-    eye = torch.eye(C, dtype=cdt, device=q.device).repeat(flat.shape[0], 1, 1)
-    A_inv = torch.linalg.solve_triangular(flat, eye, upper=False, unitriangular=True).view(A.shape)
+    # The inverse of I + A, then two batched matmuls: cheaper than solving for the K + V
+    # right-hand sides, and torch's batched triangular solve loops over 64x64 systems one at a
+    # time (it took over half of the op's time on CPU, benchmarks/ops_cpu.py).
+    A_inv = unit_lower_inverse(A)
     u = A_inv @ (vc * bc.unsqueeze(-1))
     w = A_inv @ (kc * bc.unsqueeze(-1) * expG)
     qg = qc * expG
@@ -137,18 +160,22 @@ def chunk_gated_delta_rule(
     kd = kc * tail.exp()
     state_decay = G_last.exp().unsqueeze(-1) if per_channel else G_last.exp()[..., None, None]
 
-    S = q.new_zeros(N, H, Gs, K, V)
-    if initial_state is not None:
+    # The scan over chunks, on flat batches of N * H * Gs (sequence, head) pairs so that every
+    # step is a few fused batched matmuls.
+    Bf = N * H * Gs
+    u, w, qg, kd, P = (x.reshape(Bf, NC, *x.shape[-2:]) for x in (u, w, qg, kd, P))
+    state_decay = state_decay.reshape(Bf, NC, -1, 1)
+    if initial_state is None:
+        S = q.new_zeros(Bf, K, V)
+    else:
         init = initial_state if state_layout == "kv" else initial_state.transpose(-1, -2)
-        S = init.to(cdt).reshape(N, H, Gs, K, V).clone()
-    starts = []
+        S = init.to(cdt).reshape(Bf, K, V)
+    o = q.new_empty(Bf, NC, C, V)
     for c in range(NC):
-        starts.append(S)
-        U_c = u[:, :, :, c] - w[:, :, :, c] @ S
-        u[:, :, :, c] = U_c
-        S = S * state_decay[:, :, :, c] + kd[:, :, :, c].transpose(-1, -2) @ U_c
-    U = u
-    o = qg @ torch.stack(starts, dim=3) + P @ U  # [N, H, Gs, NC, C, V]
+        U = torch.baddbmm(u[:, c], w[:, c], S, alpha=-1)  # u - w S
+        o[:, c] = torch.baddbmm(torch.bmm(P[:, c], U), qg[:, c], S)  # P U + (q exp(G)) S
+        S = torch.baddbmm(S * state_decay[:, c], kd[:, c].transpose(1, 2), U)
+    o = o.view(N, H, Gs, NC, C, V)
     o = o.movedim((1, 2), (3, 4)).reshape(N, NC * C, HV, V)[:, :L]
     if packing is not None:
         o = packing.unpad(o, T)
