@@ -48,7 +48,8 @@ def backend_for(t: torch.Tensor) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"GRAPHDELTA_BACKEND must be one of {BACKENDS}, got {forced!r}")
         return forced
-    if t.is_cuda:
+    # The kernels compute in fp32 at most; float64 (a reference-grade request) stays in PyTorch.
+    if t.is_cuda and t.dtype != torch.float64:
         return "triton"
     return "torch"
 
