@@ -1,0 +1,30 @@
+"""The default model that ships inside the package: a tiny byte-level Qwen3-Next.
+
+``graphdelta/assets/qwen3next-tiny/`` holds a 4-layer hybrid (3 Gated DeltaNet : 1 gated full
+attention, GVA ratio 2, a small MoE) trained on the Python standard library; it is made by
+``examples/make_checkpoint.py`` and its README records how. Loading never touches the network.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parent / "assets" / "qwen3next-tiny"
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load the shipped checkpoint and its byte-level tokenizer, offline.
+
+    Returns ``(model, tokenizer)``: a ``Qwen3NextForCausalLM`` in eval mode on ``device`` and a
+    fast tokenizer whose ids 0..255 are the bytes of the utf-8 text.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {DEFAULT_MODEL_DIR}; run `python examples/make_checkpoint.py` to make it"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, local_files_only=True)
+    return model.to(device).eval(), tokenizer
