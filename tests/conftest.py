@@ -9,7 +9,10 @@ if not torch.cuda.is_available():
     # Must be set before any @triton.jit function is created.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from graphdelta.testing import poisoned_allocations  # noqa: E402
 
 settings.register_profile(
     "ci", max_examples=20, deadline=None, derandomize=True, print_blob=True,
@@ -20,3 +23,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def poisoned():
+    """Every ``torch.empty``-style allocation is NaN-filled, so an element a kernel forgets to
+    write shows up."""
+    with poisoned_allocations():
+        yield

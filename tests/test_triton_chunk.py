@@ -13,8 +13,6 @@ on a GPU (not measured yet).
 """
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from graphdelta.lowering import torch_chunk
 from graphdelta.lowering.triton_chunk import chunk_gated_delta_rule
 from graphdelta.lowering.triton_chunk_utils import ChunkPlan
 from graphdelta.reference import gated_delta_rule
+from graphdelta.testing import poisoned_allocations
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUTS = ("kv", "vk")
@@ -105,23 +104,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-@contextlib.contextmanager
-def poisoned_buffers():
-    """Fill every tensor the kernels' launchers allocate with NaN, so that an element a stage
-    forgets to write shows up in the result."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with mock.patch.object(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw))), \
-            mock.patch.object(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw))):
-        yield
-
-
 def check_against_reference(args: dict, chunk_size: int) -> tuple[float, float]:
     dtype = args["v"].dtype
-    with poisoned_buffers():
+    with poisoned_allocations():
         o, final = chunk_gated_delta_rule(**args, chunk_size=chunk_size)
     ref_o, ref_final = reference(args)
     assert o.dtype == dtype and o.shape == args["v"].shape and o.is_contiguous()
