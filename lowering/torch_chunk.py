@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from graphdelta.reference import l2norm
+from graphdelta.reference import l2norm, to_kv
 from .varlen import Packing, pad_to_multiple
 
 SUBCHUNK = 16
@@ -168,8 +168,7 @@ def chunk_gated_delta_rule(
     if initial_state is None:
         S = q.new_zeros(Bf, K, V)
     else:
-        init = initial_state if state_layout == "kv" else initial_state.transpose(-1, -2)
-        S = init.to(cdt).reshape(Bf, K, V)
+        S = to_kv(initial_state, state_layout).to(cdt).reshape(Bf, K, V)
     o = q.new_empty(Bf, NC, C, V)
     for c in range(NC):
         U = torch.baddbmm(u[:, c], w[:, c], S, alpha=-1)  # u - w S
@@ -179,7 +178,4 @@ def chunk_gated_delta_rule(
     o = o.movedim((1, 2), (3, 4)).reshape(N, NC * C, HV, V)[:, :L]
     if packing is not None:
         o = packing.unpad(o, T)
-    final = S.reshape(N, HV, K, V)
-    if state_layout == "vk":
-        final = final.transpose(-1, -2)
-    return o.to(out_dtype), final.contiguous()
+    return o.to(out_dtype), to_kv(S.reshape(N, HV, K, V), state_layout).contiguous()

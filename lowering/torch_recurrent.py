@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from graphdelta.reference import l2norm
+from graphdelta.reference import l2norm, to_kv
 from .torch_chunk import compute_dtype
 from .varlen import Packing
 
@@ -34,10 +34,6 @@ def _step(S, q_t, k_t, v_t, g_t, beta_t):
     return S, (q_t.unsqueeze(-2) @ S).squeeze(-2)
 
 
-def _to_kv(state: torch.Tensor, state_layout: str) -> torch.Tensor:
-    return state if state_layout == "kv" else state.transpose(-1, -2)
-
-
 def recurrent_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,7 +58,7 @@ def recurrent_gated_delta_rule(
     q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
     S = q.new_zeros(N, H, HV // H, K, V)
     if initial_state is not None:
-        S = _to_kv(initial_state, state_layout).to(S.dtype).reshape(S.shape)
+        S = to_kv(initial_state, state_layout).to(S.dtype).reshape(S.shape)
     outs = []
     for t in range(L):
         S, o_t = _step(S, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
@@ -71,7 +67,7 @@ def recurrent_gated_delta_rule(
     if packing is not None:
         o = packing.unpad(o, T)
     final = S.reshape(N, HV, K, V)
-    return o.to(out_dtype), _to_kv(final, state_layout).contiguous()
+    return o.to(out_dtype), to_kv(final, state_layout).contiguous()
 
 
 def gated_delta_rule_decode(
@@ -100,13 +96,13 @@ def gated_delta_rule_decode(
     qs, ks, vs, gs, bs = _prepare(
         *(x[rows] for x in (q, k, v, g, beta)), scale, use_qk_l2norm_in_kernel
     )
-    S = _to_kv(state_pool[slots], state_layout).to(qs.dtype).reshape(-1, H, HV // H, K, V)
+    S = to_kv(state_pool[slots], state_layout).to(qs.dtype).reshape(-1, H, HV // H, K, V)
     o = v.new_zeros(B, T, HV, V)
     inter = state_pool.new_zeros((B, T, *state_pool.shape[1:]) if output_intermediate_states else (0,))
     for t in range(T):
         S, o_t = _step(S, qs[:, t], ks[:, t], vs[:, t], gs[:, t], bs[:, t])
         o[rows, t] = o_t.reshape(-1, HV, V).to(o.dtype)
         if output_intermediate_states:
-            inter[rows, t] = _to_kv(S.reshape(-1, HV, K, V), state_layout).to(inter.dtype)
-    state_pool[slots] = _to_kv(S.reshape(-1, HV, K, V), state_layout).to(state_pool.dtype)
+            inter[rows, t] = to_kv(S.reshape(-1, HV, K, V), state_layout).to(inter.dtype)
+    state_pool[slots] = to_kv(S.reshape(-1, HV, K, V), state_layout).to(state_pool.dtype)
     return o, inter
