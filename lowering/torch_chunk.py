@@ -135,16 +135,18 @@ def chunk_gated_delta_rule(
     q, k, v, g, beta = (pad_to_multiple(x, C) for x in (q, k, v, g, beta))
     NC = q.shape[1] // C
 
-    # Heads-first chunked views: key tensors [N, H, 1, NC, C, K] broadcast over the Gs value
-    # heads that read them; value-side tensors [N, H, Gs, NC, C, ...].
-    def heads_first(x: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    # Chunk-major views: key tensors [NC, N, H, 1, C, K] broadcast over the Gs value heads that
+    # read them; value-side tensors [NC, N, H, Gs, C, ...]. Chunk-major, so that each step of
+    # the scan below reads contiguous slices and updates them in place: on CPU, fresh
+    # megabyte-sized allocations per step cost more than the matmuls (page faults).
+    def chunk_major(x: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
         x = x.reshape(N, NC, C, heads, groups, *x.shape[3:])
-        return x.movedim((3, 4), (1, 2))
+        return x.permute(1, 0, 3, 4, 2, *range(5, x.dim()))
 
-    qc, kc = heads_first(q, H, 1), heads_first(k, H, 1)
-    vc, bc, gc = heads_first(v, H, Gs), heads_first(beta, H, Gs), heads_first(g, H, Gs)
+    qc, kc = chunk_major(q, H, 1), chunk_major(k, H, 1)
+    vc, bc, gc = chunk_major(v, H, Gs), chunk_major(beta, H, Gs), chunk_major(g, H, Gs)
     G = gc.cumsum(dim=4)  # restarts at every chunk
-    G_last = G[:, :, :, :, -1]  # [N, H, Gs, NC] or [N, H, Gs, NC, K]
+    G_last = G[:, :, :, :, -1]  # [NC, N, H, Gs] or [NC, N, H, Gs, K]
     expG = (G if per_channel else G.unsqueeze(-1)).exp()
 
     A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
@@ -157,25 +159,24 @@ def chunk_gated_delta_rule(
     w = A_inv @ (kc * bc.unsqueeze(-1) * expG)
     qg = qc * expG
     tail = (G_last.unsqueeze(-2) - G) if per_channel else (G_last.unsqueeze(-1) - G).unsqueeze(-1)
-    kd = kc * tail.exp()
+    kd = (kc * tail.exp()).transpose(-1, -2)
     state_decay = G_last.exp().unsqueeze(-1) if per_channel else G_last.exp()[..., None, None]
 
-    # The scan over chunks, on flat batches of N * H * Gs (sequence, head) pairs so that every
-    # step is a few fused batched matmuls.
+    # The scan over chunks, on flat batches of N * H * Gs (sequence, head) pairs; every step is
+    # three batched matmuls accumulated in place.
     Bf = N * H * Gs
-    u, w, qg, kd, P = (x.reshape(Bf, NC, *x.shape[-2:]) for x in (u, w, qg, kd, P))
-    state_decay = state_decay.reshape(Bf, NC, -1, 1)
+    u, w, qg, kd, P = (x.reshape(NC, Bf, *x.shape[-2:]) for x in (u, w, qg, kd, P))
+    state_decay = state_decay.reshape(NC, Bf, -1, 1)
     if initial_state is None:
         S = q.new_zeros(Bf, K, V)
     else:
-        S = to_kv(initial_state, state_layout).to(cdt).reshape(Bf, K, V)
-    o = q.new_empty(Bf, NC, C, V)
+        S = to_kv(initial_state, state_layout).to(cdt).reshape(Bf, K, V).clone()
+    o = q.new_empty(NC, Bf, C, V)
     for c in range(NC):
-        U = torch.baddbmm(u[:, c], w[:, c], S, alpha=-1)  # u - w S
-        o[:, c] = torch.baddbmm(torch.bmm(P[:, c], U), qg[:, c], S)  # P U + (q exp(G)) S
-        S = torch.baddbmm(S * state_decay[:, c], kd[:, c].transpose(1, 2), U)
-    o = o.view(N, H, Gs, NC, C, V)
-    o = o.movedim((1, 2), (3, 4)).reshape(N, NC * C, HV, V)[:, :L]
+        U = u[c].baddbmm_(w[c], S, alpha=-1)  # u - w S, the delta-rule corrections
+        torch.bmm(P[c], U, out=o[c]).baddbmm_(qg[c], S)  # P U + (q exp(G)) S
+        S.mul_(state_decay[c]).baddbmm_(kd[c], U)
+    o = o.view(NC, N, H, Gs, C, V).permute(1, 0, 4, 2, 3, 5).reshape(N, NC * C, HV, V)[:, :L]
     if packing is not None:
         o = packing.unpad(o, T)
     return o.to(out_dtype), to_kv(S.reshape(N, HV, K, V), state_layout).contiguous()
