@@ -69,15 +69,24 @@ def causal_conv1d_update(
     W = weight.shape[1]
     S_len = conv_state.shape[-1]
     cdt = compute_dtype(x.dtype)
+    # A handful of new tokens: a windowed multiply-sum is ~100x cheaper here than conv1d's
+    # general kernel (benchmarks/decode.py). Padded rows compute on slot 0 and are dropped.
     if state_indices is None:
-        rows = torch.arange(B, device=x.device)
-        slots = rows
+        valid, slots = None, torch.arange(B, device=x.device)
     else:
-        rows = (state_indices >= 0).nonzero().squeeze(1)
-        slots = state_indices[rows].long()
-    full = torch.cat([conv_state[slots].to(cdt), x[rows].to(cdt).transpose(1, 2)], dim=-1)
-    y_rows = F.conv1d(full[..., S_len - (W - 1):], weight.to(cdt).unsqueeze(1), None if bias is None else bias.to(cdt), groups=D)
-    y = x.new_zeros(B, T, D)
-    y[rows] = _activate(y_rows, activation).transpose(1, 2).to(x.dtype)
-    conv_state[slots] = full[..., -S_len:].to(conv_state.dtype)
+        valid, slots = state_indices >= 0, state_indices.long().clamp_min(0)
+    full = torch.cat([conv_state.index_select(0, slots).to(cdt), x.to(cdt).transpose(1, 2)], dim=-1)
+    windows = full[..., S_len - (W - 1):].unfold(-1, W, 1)  # [B, D, T, W]
+    y = (windows * weight.to(cdt)[:, None, :]).sum(-1)
+    if bias is not None:
+        y = y + bias.to(cdt)[:, None]
+    y = _activate(y, activation).transpose(1, 2)
+    new = full[..., -S_len:].to(conv_state.dtype)
+    if valid is None or bool(valid.all()):
+        conv_state.index_copy_(0, slots, new)
+    else:
+        rows = valid.nonzero().squeeze(1)
+        conv_state.index_copy_(0, slots[rows], new[rows])
+        y = torch.where(valid.view(B, 1, 1), y, 0)
+    y = y.to(x.dtype)
     return y

@@ -91,18 +91,27 @@ def gated_delta_rule_decode(
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    rows = (state_indices >= 0).nonzero().squeeze(1)
-    slots = state_indices[rows].long()
-    qs, ks, vs, gs, bs = _prepare(
-        *(x[rows] for x in (q, k, v, g, beta)), scale, use_qk_l2norm_in_kernel
-    )
-    S = to_kv(state_pool[slots], state_layout).to(qs.dtype).reshape(-1, H, HV // H, K, V)
-    o = v.new_zeros(B, T, HV, V)
-    inter = state_pool.new_zeros((B, T, *state_pool.shape[1:]) if output_intermediate_states else (0,))
+    # Every row computes (a padded row on slot 0's state, harmlessly); only real rows are
+    # written back. Whole-batch index_select / index_copy_ keep a one-token step to a few ops.
+    valid = state_indices >= 0
+    slots = state_indices.long().clamp_min(0)
+    qs, ks, vs, gs, bs = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    S = to_kv(state_pool.index_select(0, slots), state_layout).to(qs.dtype).reshape(B, H, HV // H, K, V)
+    outs, states = [], []
     for t in range(T):
         S, o_t = _step(S, qs[:, t], ks[:, t], vs[:, t], gs[:, t], bs[:, t])
-        o[rows, t] = o_t.reshape(-1, HV, V).to(o.dtype)
+        outs.append(o_t.reshape(B, HV, V))
         if output_intermediate_states:
-            inter[rows, t] = to_kv(S.reshape(-1, HV, K, V), state_layout).to(inter.dtype)
-    state_pool[slots] = to_kv(S.reshape(-1, HV, K, V), state_layout).to(state_pool.dtype)
+            states.append(to_kv(S.reshape(B, HV, K, V), state_layout))
+    keep = valid.view(B, 1, 1, 1)
+    o = torch.where(keep, torch.stack(outs, dim=1), 0).to(v.dtype)
+    inter = state_pool.new_zeros(0)
+    if output_intermediate_states:
+        inter = torch.where(keep.unsqueeze(-1), torch.stack(states, dim=1), 0).to(state_pool.dtype)
+    new = to_kv(S.reshape(B, HV, K, V), state_layout).to(state_pool.dtype)
+    if bool(valid.all()):
+        state_pool.index_copy_(0, slots, new)
+    else:
+        rows = valid.nonzero().squeeze(1)
+        state_pool.index_copy_(0, slots[rows], new[rows])
     return o, inter
