@@ -141,7 +141,7 @@ def chunk_gated_delta_rule(
     # megabyte-sized allocations per step cost more than the matmuls (page faults).
     def chunk_major(x: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
         x = x.reshape(N, NC, C, heads, groups, *x.shape[3:])
-        return x.permute(1, 0, 3, 4, 2, *range(5, x.dim()))
+        return x.permute(1, 0, 3, 4, 2, *range(5, x.dim())).contiguous()
 
     qc, kc = chunk_major(q, H, 1), chunk_major(k, H, 1)
     vc, bc, gc = chunk_major(v, H, Gs), chunk_major(beta, H, Gs), chunk_major(g, H, Gs)
@@ -159,7 +159,7 @@ def chunk_gated_delta_rule(
     w = A_inv @ (kc * bc.unsqueeze(-1) * expG)
     qg = qc * expG
     tail = (G_last.unsqueeze(-2) - G) if per_channel else (G_last.unsqueeze(-1) - G).unsqueeze(-1)
-    kd = (kc * tail.exp()).transpose(-1, -2)
+    kd = kc * tail.exp()
     state_decay = G_last.exp().unsqueeze(-1) if per_channel else G_last.exp()[..., None, None]
 
     # The scan over chunks, on flat batches of N * H * Gs (sequence, head) pairs; every step is
@@ -175,7 +175,7 @@ def chunk_gated_delta_rule(
     for c in range(NC):
         U = u[c].baddbmm_(w[c], S, alpha=-1)  # u - w S, the delta-rule corrections
         torch.bmm(P[c], U, out=o[c]).baddbmm_(qg[c], S)  # P U + (q exp(G)) S
-        S.mul_(state_decay[c]).baddbmm_(kd[c], U)
+        S.mul_(state_decay[c]).baddbmm_(kd[c].transpose(1, 2), U)
     o = o.view(NC, N, H, Gs, C, V).permute(1, 0, 4, 2, 3, 5).reshape(N, NC * C, HV, V)[:, :L]
     if packing is not None:
         o = packing.unpad(o, T)
