@@ -16,6 +16,9 @@ from graphdelta.ops import (
     recurrent_gated_delta_rule,
 )
 
+from graphdelta.compiler import compile, explain  # noqa: A004 - graphdelta.compile(model)
+from graphdelta.runtime.generate import generate
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -13,6 +13,22 @@ import torch
 DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parent / "assets" / "qwen3next-tiny"
 
 
+def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """Load a local transformers checkpoint folder (the shipped one when ``path`` is None) and its
+    tokenizer, offline. Returns ``(model, tokenizer)`` with the model in eval mode on ``device``."""
+    if path is None:
+        return load_default_model(dtype, device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: give a local transformers checkpoint folder")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
 def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load the shipped checkpoint and its byte-level tokenizer, offline.
 

@@ -1,0 +1,149 @@
+"""The ``graphdelta`` command: generate, explain, bench, fuzz.
+
+    graphdelta generate --prompt "def " --max-new-tokens 64     # the embedded model, streamed
+    graphdelta explain [MODEL_DIR]                              # what compile fused, per layer
+    graphdelta bench ops|kernels|compile|decode|all             # benchmark scripts (from a clone)
+    graphdelta fuzz --impl chunk --examples 200                 # kernels against the reference
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = ("ops_cpu", "kernels", "compile", "decode")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible here; leave --device at cpu")
+    return name
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import graphdelta
+    from graphdelta.assets import load_model
+
+    device = _device(args.device)
+    try:
+        model, tokenizer = load_model(args.model, getattr(torch, args.dtype), device)
+    except FileNotFoundError as err:
+        raise SystemExit(f"--model: {err}")
+    target = model
+    if not args.no_compile:
+        print(f"compiling {type(model).__name__} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            target = graphdelta.compile(model, state_layout=args.state_layout)
+        except NotImplementedError as err:
+            raise SystemExit(f"unsupported architecture {type(model).__name__}: {err}")
+        print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids[0]
+    print(args.prompt, end="", flush=True)
+    with torch.no_grad():
+        graphdelta.generate(
+            target, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            stream=lambda _, token: print(tokenizer.decode([token]), end="", flush=True),
+        )
+    print()
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from graphdelta.assets import DEFAULT_MODEL_DIR
+    from graphdelta.report import main as report_main
+
+    argv = [str(args.model or DEFAULT_MODEL_DIR), "--lengths", args.lengths, "--backend", args.backend,
+            "--state-layout", args.state_layout]
+    return report_main(argv)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not folder.is_dir():
+        raise SystemExit("graphdelta bench runs the scripts in benchmarks/ of a source checkout: "
+                         "run it from a clone of the repository (pip install -e .)")
+    names = BENCHMARKS if args.which == "all" else (args.which if args.which != "ops" else "ops_cpu",)
+    if "kernels" in names and args.which == "kernels" and args.gpu:
+        _device("cuda")
+    sys.path.insert(0, str(folder))
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] benchmarks/{name}.py", flush=True)
+        saved = sys.argv
+        sys.argv = [f"benchmarks/{name}.py", *args.extra]
+        try:
+            runpy.run_path(str(folder / f"{name}.py"), run_name="__main__")
+        finally:
+            sys.argv = saved
+    print(f"results in {folder / 'results'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphdelta", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="compile a model and stream a generation")
+    gen.add_argument("--model", type=Path, default=None,
+                     help="local transformers checkpoint folder (default: the embedded tiny Qwen3-Next)")
+    gen.add_argument("--prompt", default="import os\n\n\ndef ", help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    gen.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda needs a GPU")
+    gen.add_argument("--state-layout", choices=("auto", "kv", "vk"), default="auto",
+                     help="recurrent-state layout; auto measures on this device")
+    gen.add_argument("--no-compile", action="store_true", help="run the model as loaded (graphdelta's "
+                     "runtime and ops, without graphdelta.compile)")
+    gen.set_defaults(fn=cmd_generate)
+
+    exp = sub.add_parser("explain", help="compile a model and report, per layer, what was fused")
+    exp.add_argument("model", nargs="?", default=None,
+                     help="model folder or config.json (default: the embedded model); random weights "
+                          "when the folder holds no weights")
+    exp.add_argument("--lengths", default="100,300", help="prompt lengths to run, comma-separated")
+    exp.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                     help="what compiles the rewritten graph (aot_eager is fastest to compile)")
+    exp.add_argument("--state-layout", default="auto", choices=("auto", "kv", "vk"))
+    exp.set_defaults(fn=cmd_explain)
+
+    bench = sub.add_parser("bench", help="run benchmark scripts (JSON, Markdown, PNG in benchmarks/results)")
+    bench.add_argument("which", choices=("ops", "kernels", "compile", "decode", "all"),
+                       help="ops: CPU chunk op vs transformers; kernels: prefill/decode vs roofline; "
+                            "compile: compile time and prefill; decode: generation steps")
+    bench.add_argument("--gpu", action="store_true", help="require a GPU (kernels at full size)")
+    bench.set_defaults(fn=cmd_bench)
+
+    # Its options are python -m graphdelta.fuzz's own (main() hands them over unparsed).
+    sub.add_parser("fuzz", help="hypothesis fuzzing of an implementation against the reference "
+                   "(graphdelta fuzz --help for its options)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fuzz"]:
+        from graphdelta import fuzz
+
+        return fuzz.main(argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # bench: passed on to the benchmark script
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""``graphdelta.compile(model)``: torch.compile with the linear-attention layers running on
+graphdelta ops.
+
+Pipeline (the stages live in ``graphdelta.passes``, in the order of ``passes.PASSES``):
+
+1. discover, on a short eager probe, which Python functions each layer calls and with what;
+2. recognize, from the traced graph of each function and a numerical check against
+   ``graphdelta.reference``, the chunked gated delta rule, its token recurrence and the
+   causal conv1d, and build a drop-in that calls the graphdelta op;
+3. choose the recurrent-state layout per layer;
+4. trace the whole model with Dynamo (``dynamic=True``) while the layers call the drop-ins,
+   so each region is one op node and the chunk count is no longer a guard: one graph serves
+   every prompt length; hand the graph to the backend (inductor by default).
+
+Whatever is not recognized, or not confirmed numerically, runs as written, with a warning
+naming the layer. ``graphdelta.explain(compiled)`` reports what happened.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from graphdelta import passes
+from graphdelta.passes import discover
+from graphdelta.passes.plan import Plan
+
+BACKENDS = ("inductor", "aot_eager", "eager")
+RECOMPILE_LIMIT = 64
+LEFTOVER_OPS = ("solve_triangular",)  # what the chunked pipeline leaves when it is not fused
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """One graph Dynamo handed to the backend."""
+
+    index: int
+    reason: str  # why it was compiled: first call, or the guard that failed
+    nodes: int
+    graphdelta_ops: dict[str, int]
+    leftovers: dict[str, int]  # ops that a full fusion removes (solve_triangular, cumsum)
+    matmuls: int
+    inputs: list[str]
+    seconds: float = 0.0
+
+
+class GraphLog:
+    """A backend in front of ``inner`` that records every graph it is asked to compile."""
+
+    def __init__(self, inner: str):
+        if inner not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {inner!r}")
+        self.inner = inner
+        self.graphs: list[GraphRecord] = []
+        self._seen_failures = 0
+        self.pending = ""
+
+    def _reason(self) -> str:
+        failures = [r for reasons in torch._dynamo.utils.guard_failures.values() for r in reasons]
+        new, self._seen_failures = failures[self._seen_failures:], len(failures)
+        if self.pending:
+            reason, self.pending = self.pending, ""
+            return reason
+        if not self.graphs:
+            return "first call"
+        if new:
+            return "guard failed: " + " | ".join(str(r).strip().splitlines()[0] for r in new[-1:])
+        return "new code path (different branch or graph break)"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        ops: collections.Counter[str] = collections.Counter()
+        leftovers: collections.Counter[str] = collections.Counter()
+        matmuls = 0
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            name = str(getattr(node.target, "__name__", node.target))
+            qualified = str(node.target)
+            if "graphdelta" in qualified:
+                ops[qualified.replace("graphdelta.", "graphdelta::").split("graphdelta::")[-1].split(".")[0]] += 1
+            if any(s in name for s in LEFTOVER_OPS):
+                leftovers[name] += 1
+            if name in ("matmul", "bmm", "mm", "einsum", "__matmul__"):
+                matmuls += 1
+        inputs = [
+            str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs[:6]
+        ]
+        record = GraphRecord(len(self.graphs), self._reason(), len(gm.graph.nodes), dict(ops),
+                             dict(leftovers), matmuls, inputs)
+        self.graphs.append(record)
+        start = time.perf_counter()
+        try:
+            if self.inner == "inductor":
+                from torch._inductor.compile_fx import compile_fx
+
+                compiled = compile_fx(gm, example_inputs)
+            elif self.inner == "aot_eager":
+                compiled = torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+            else:
+                compiled = gm.forward
+        except Exception as e:
+            # Dynamo may catch this and trace the frame again (e.g. to specialize a size):
+            # the next record then says why.
+            message = (str(e).strip().splitlines() or [""])[0][:160]
+            record.reason += f"; backend gave up ({type(e).__name__}: {message})"
+            self.pending = f"retrace after the backend gave up on graph {record.index} ({type(e).__name__})"
+            raise
+        finally:
+            record.seconds = time.perf_counter() - start
+        return compiled
+
+
+def default_probe(model: nn.Module, length: int = 20) -> None:
+    """A causal LM probe: prefill into a cache, continue it, one decode step, prefill without a
+    cache. Together these reach every gated-delta and conv function of a transformers hybrid."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError(
+            f"{type(model).__name__} has no config.vocab_size; pass probe=fn(model) that runs a "
+            "few representative forward calls (prefill with and without a cache, one decode step)"
+        )
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids[:, :5], past_key_values=out.past_key_values, use_cache=True)
+    model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    model(input_ids=ids, use_cache=False)
+
+
+class CompiledModel(nn.Module):
+    """The compiled model: ``forward`` runs the Dynamo-compiled model with its layers calling
+    the graphdelta drop-ins. The wrapped model is left as it was outside these calls."""
+
+    def __init__(self, model: nn.Module, plan: Plan, backend: GraphLog, dynamic: bool | None,
+                 compile_kwargs: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.graph_log = backend
+        self.patch = discover.LayerPatch({
+            lp.layer.module: discover.forward_with(lp.layer, lp.replacements)
+            for lp in plan.layers if lp.replacements
+        })
+        self._compiled = torch.compile(model, backend=backend, dynamic=dynamic, **compile_kwargs)
+
+    def forward(self, *args, **kwargs):
+        # Prefill, cached prefill and decode are separate graphs of the same code objects, and
+        # several compiled models share transformers' code: Dynamo's default recompile limit (8
+        # per code object) would silently send later graphs to eager.
+        with self.patch.applied(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._compiled(*args, **kwargs)
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+
+def compile(
+    model: nn.Module,
+    *,
+    state_layout: str = "auto",
+    dynamic: bool | None = True,
+    backend: str = "inductor",
+    probe: Callable[[nn.Module], None] | None = None,
+    warn: bool = True,
+    **compile_kwargs: Any,
+) -> CompiledModel:
+    """Compile a hybrid linear-attention model with graphdelta's ops in place of its
+    gated-delta, token-recurrence and causal-conv1d functions.
+
+    Args:
+        model: a transformers ``Qwen3NextForCausalLM``, ``Qwen3_5ForCausalLM``,
+            ``Qwen3_5MoeForCausalLM``, ``KimiLinearForCausalLM``, or any module whose layers
+            call such functions.
+        state_layout: ``"auto"`` (measured per device), ``"kv"`` or ``"vk"``: the layout of the
+            recurrent state in the kernels and in the cache of every replaced layer.
+        dynamic: passed to ``torch.compile``; True gives one graph for all prompt lengths.
+        backend: ``"inductor"``, ``"aot_eager"`` or ``"eager"``: what compiles the rewritten graph.
+        probe: ``probe(model)`` runs a few eager forward calls that reach every code path to be
+            compiled (default: prefill with and without a cache and a decode step on token ids).
+        warn: warn about every layer whose functions look like linear attention but stay as written.
+        compile_kwargs: passed on to ``torch.compile`` (``fullgraph``, ``mode``, ...).
+
+    Returns:
+        A ``CompiledModel`` whose ``forward`` gives the logits and cache of ``model``.
+    """
+    if state_layout not in ("auto", "kv", "vk"):
+        raise ValueError(f"state_layout must be 'auto', 'kv' or 'vk', got {state_layout!r}")
+    start = time.perf_counter()
+    plan = passes.run(Plan(model, probe or default_probe, state_layout))
+    plan.seconds = time.perf_counter() - start
+    for lp in plan.layers:
+        for callee, why, family in lp.fallbacks:
+            plan.warnings.append(f"graphdelta: layer {lp.path}: {callee} kept as written ({family}: {why})")
+    if not any(lp.regions for lp in plan.layers):
+        plan.warnings.append(
+            f"graphdelta: no linear-attention region recognized in {type(model).__name__}; it runs "
+            "unchanged under torch.compile"
+        )
+    if warn:
+        for message in plan.warnings:
+            warnings.warn(message, stacklevel=2)
+    return CompiledModel(model, plan, GraphLog(backend), dynamic, compile_kwargs)
+
+
+def explain(compiled: CompiledModel) -> str:
+    """What ``compile`` did to each layer and every graph compiled so far (``graphdelta.report``)."""
+    from graphdelta.report import explain as _explain
+
+    return _explain(compiled)

@@ -1,0 +1,384 @@
+"""The forward pass of a transformers hybrid causal LM, run over a ``HybridCache``.
+
+The model's own submodules do the projections, norms, MLP / MoE and rotary tables; what carries
+state between tokens goes through graphdelta: the short conv through ``causal_conv1d`` (prefill)
+and ``causal_conv1d_update`` (steps) on the conv-state pools, the gated delta rule (GDN or KDA)
+through ``chunk_gated_delta_rule`` (prefill: packed varlen, starting from the slot's state) and
+``gated_delta_rule_decode`` (steps: in place on the state pool, by slot index), and attention
+through ``F.scaled_dot_product_attention`` over the fixed K/V buffers with explicit positions
+and masks.
+
+Two shapes of batch (``Batch``):
+- prefill: the new tokens of N sequences packed in one row ``[1, total]`` (``cu_seqlens``);
+  attention sees them as N rows padded to the longest piece;
+- step: ``[B, T]`` tokens, one row per slot, -1 marking a padded row (T = 1 to decode, k + 1 to
+  verify k draft tokens). Its shapes depend only on (B, T, window), so it can be captured.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from graphdelta import ops
+from graphdelta.runtime.cache import HybridCache
+
+
+@dataclasses.dataclass
+class Batch:
+    slots: Tensor  # [N] int64 slot of each row; -1: padded row (steps only)
+    starts: Tensor  # [N] int64 tokens each row already has in the cache
+    width: int  # T: tokens per row (the longest piece in a prefill)
+    window: int  # cached positions attention reads: 0 .. window - 1
+    cu_seqlens: Tensor | None = None  # [N + 1] packed prefill
+    rows: Tensor | None = None  # [total] row of each packed token
+    cols: Tensor | None = None  # [total] column of each packed token
+    keep_intermediate: bool = False  # steps: keep what rolling back to any token needs
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def positions(self) -> Tensor:
+        """Position of each new token: ``[1, total]`` (prefill) or ``[N, T]`` (step)."""
+        if self.packed:
+            return (self.starts[self.rows] + self.cols).unsqueeze(0)
+        return self.starts[:, None] + torch.arange(self.width, device=self.starts.device)[None, :]
+
+    def to_rows(self, x: Tensor) -> Tensor:
+        """``[1, total, ...]`` -> ``[N, T, ...]`` (zeros past each row's end); steps: unchanged."""
+        if not self.packed:
+            return x
+        out = x.new_zeros(self.slots.shape[0], self.width, *x.shape[2:])
+        out[self.rows, self.cols] = x[0]
+        return out
+
+    def from_rows(self, x: Tensor) -> Tensor:
+        return x[self.rows, self.cols].unsqueeze(0) if self.packed else x
+
+    def row_valid(self) -> Tensor:
+        """``[N, T]``: which (row, column) holds a real token."""
+        cols = torch.arange(self.width, device=self.starts.device)[None, :]
+        if self.packed:
+            lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1])[:, None]
+            return cols < lengths
+        return (self.slots >= 0)[:, None].expand(-1, self.width)
+
+
+@dataclasses.dataclass
+class LinearAux:
+    """What a verify step keeps for one linear layer, to roll back to any of its T tokens."""
+
+    states: Tensor  # [B, T, heads, ...] recurrent state after each token
+    conv_before: Tensor  # [B, conv_dim, W - 1] conv state before the step
+    conv_inputs: Tensor  # [B, T, conv_dim] conv inputs of the step
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding on the first ``cos.shape[-1]`` dims of ``x`` ``[..., T, heads, D]``
+    (``cos``/``sin`` ``[..., T, rot]``; partial rotary keeps the rest as is)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    return torch.cat([xr * cos + torch.cat([-x2, x1], dim=-1) * sin, xp], dim=-1)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Shared by the attention flavors: write the new K/V at their positions (padded tokens go to
+    the sentinel row), read the slot's first ``window`` positions, attend causally."""
+
+    def __init__(self, module: nn.Module, cache: HybridCache, index: int):
+        super().__init__()
+        self.m = module
+        self.cache = cache
+        self.index = index  # among the attention layers
+
+    def attend(self, q: Tensor, k_new: Tensor, v_new: Tensor, batch: Batch, scale: float,
+               expand=None) -> Tensor:
+        """q ``[N, T, H, Dq]``, k_new/v_new ``[N, T, Hkv, *]`` (row form) -> ``[N, T, H, Dv]``."""
+        kc, vc = self.cache.k[self.index], self.cache.v[self.index]
+        sentinel = self.cache.sentinel
+        valid = batch.row_valid()
+        qpos = batch.starts[:, None] + torch.arange(batch.width, device=q.device)[None, :]
+        write_slot = torch.where(valid, batch.slots[:, None], sentinel)
+        write_pos = torch.where(valid, qpos, 0)
+        kc[write_slot, :, write_pos] = k_new.to(kc.dtype)
+        vc[write_slot, :, write_pos] = v_new.to(vc.dtype)
+        read_slot = torch.where(batch.slots >= 0, batch.slots, sentinel)
+        keys, values = kc[read_slot, :, : batch.window], vc[read_slot, :, : batch.window]
+        if expand is not None:
+            keys, values = expand(keys, values)
+        mask = torch.arange(batch.window, device=q.device)[None, None, :] <= qpos[:, :, None]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.unsqueeze(1),
+            scale=scale, enable_gqa=q.shape[2] != keys.shape[1],
+        )
+        return o.transpose(1, 2)
+
+
+class GatedAttention(Attention):
+    """Qwen3-Next / Qwen3.5 attention: q and k RMS-normed per head, partial rotary, output gated
+    by a sigmoid of a second half of q_proj."""
+
+    def forward(self, x: Tensor, batch: Batch, rope: tuple[Tensor, Tensor]) -> Tensor:
+        m = self.m
+        B, T = x.shape[:2]
+        q, gate = torch.chunk(m.q_proj(x).view(B, T, -1, m.head_dim * 2), 2, dim=-1)
+        q = m.q_norm(q)
+        k = m.k_norm(m.k_proj(x).view(B, T, -1, m.head_dim))
+        v = m.v_proj(x).view(B, T, -1, m.head_dim)
+        cos, sin = rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        o = self.attend(batch.to_rows(q), batch.to_rows(k), batch.to_rows(v), batch, m.scaling)
+        o = batch.from_rows(o).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
+        return m.o_proj(o)
+
+
+class LatentAttention(Attention):
+    """Kimi Linear's MLA (no rotary): the cache holds the normed KV latent (as K) and the shared
+    key part (as V); the module's ``expand_kv`` turns them into per-head keys and values."""
+
+    def forward(self, x: Tensor, batch: Batch, rope) -> Tensor:
+        m = self.m
+        B, T = x.shape[:2]
+        if m.q_lora_rank is None:
+            q = m.q_proj(x)
+        else:
+            q = m.q_b_proj(m.q_a_layernorm(m.q_a_proj(x)))
+        q = q.view(B, T, -1, m.qk_head_dim)
+        latent, k_rot = torch.split(m.kv_a_proj_with_mqa(x), [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent = m.kv_a_layernorm(latent).view(B, T, 1, m.kv_lora_rank)
+        k_rot = k_rot.view(B, T, 1, m.qk_rope_head_dim)
+        o = self.attend(batch.to_rows(q), batch.to_rows(latent), batch.to_rows(k_rot), batch, m.scaling,
+                        expand=m.expand_kv)
+        return m.o_proj(batch.from_rows(o).reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------- linear attention
+
+
+class LinearAttention(nn.Module):
+    """The common part of GDN and KDA: conv over the concatenated q/k/v, gated delta rule, gated
+    RMSNorm, output projection. Subclasses say how the inputs are projected."""
+
+    def __init__(self, module: nn.Module, cache: HybridCache, index: int):
+        super().__init__()
+        self.m = module
+        self.cache = cache
+        self.index = index  # among the linear layers
+        self.activation = module.activation
+        spec = cache.spec.linear
+        self.k_dim, self.v_dim = spec.k_dim, spec.v_dim
+        self.key_dim = (spec.conv_dim - spec.heads * spec.v_dim) // 2  # q (and k) channels of the conv
+        self._seen: set = set()
+
+    def _checked(self, x: Tensor) -> bool:
+        """Whether a step of this shape already went through the ops' validation once: steps
+        then call the ``torch.ops.graphdelta`` ops directly, without their per-call checks
+        (the slot indices come from the runner, not from a user)."""
+        if torch.compiler.is_compiling():
+            return False  # traced once: the checks cost nothing at run time
+        key = (x.shape, x.dtype, x.device, x.dim())
+        if key in self._seen:
+            return True
+        self._seen.add(key)
+        return False
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> conv input ``[B, T, conv_dim]``, g, beta, output gate ``[B, T, HV, V]``."""
+        raise NotImplementedError
+
+    def finish(self, o: Tensor, gate: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, batch: Batch, aux: list) -> Tensor:
+        B, T = x.shape[:2]
+        conv_pool, state_pool = self.cache.conv[self.index], self.cache.state[self.index]
+        layout = self.cache.state_layout
+        mixed, g, beta, gate = self.project(x)
+        weight, bias = self.m.conv1d.weight.squeeze(1), self.m.conv1d.bias  # [conv_dim, W], [conv_dim]
+        if batch.packed:
+            mixed, conv_final = ops.causal_conv1d(
+                mixed, weight, bias, initial_state=conv_pool[batch.slots], output_final_state=True,
+                cu_seqlens=batch.cu_seqlens, activation=self.activation,
+            )
+            conv_pool[batch.slots] = conv_final
+        else:
+            if batch.keep_intermediate:
+                conv_before = conv_pool[batch.slots.clamp(min=0)].clone()
+                conv_inputs = mixed
+            if self._checked(mixed):
+                mixed = torch.ops.graphdelta.causal_conv1d_update(
+                    mixed, conv_pool, weight, bias, batch.slots, self.activation)
+            else:
+                mixed = ops.causal_conv1d_update(mixed, conv_pool, weight, bias, batch.slots, self.activation)
+        q, k, v = torch.split(mixed, [self.key_dim, self.key_dim, mixed.shape[-1] - 2 * self.key_dim], dim=-1)
+        q, k = q.reshape(B, T, -1, self.k_dim), k.reshape(B, T, -1, self.k_dim)
+        v = v.reshape(B, T, -1, self.v_dim)
+        if batch.packed:
+            o, final = ops.chunk_gated_delta_rule(
+                q, k, v, g, beta, initial_state=state_pool[batch.slots], output_final_state=True,
+                cu_seqlens=batch.cu_seqlens, use_qk_l2norm_in_kernel=True, state_layout=layout,
+            )
+            state_pool[batch.slots] = final
+        elif self._checked(q):
+            o, states = torch.ops.graphdelta.gated_delta_rule_decode(
+                q, k, v, g, beta, state_pool, batch.slots, self.k_dim ** -0.5, True, layout, batch.keep_intermediate)
+        else:
+            o, states = ops.gated_delta_rule_decode(
+                q, k, v, g, beta, state_pool, batch.slots, use_qk_l2norm_in_kernel=True, state_layout=layout,
+                output_intermediate_states=batch.keep_intermediate,
+            )
+            if batch.keep_intermediate:
+                aux.append(LinearAux(states, conv_before, conv_inputs))
+        return self.finish(o, gate)
+
+
+class GatedDeltaNet(LinearAttention):
+    """Qwen3-Next (q/k/v/z interleaved per key head in ``in_proj_qkvz``) and Qwen3.5 (separate
+    ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``)."""
+
+    def project(self, x):
+        m = self.m
+        B, T = x.shape[:2]
+        if hasattr(m, "in_proj_qkvz"):
+            q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(x), m.in_proj_ba(x))
+            mixed = torch.cat([t.reshape(B, T, -1) for t in (q, k, v)], dim=-1)
+        else:
+            mixed = m.in_proj_qkv(x)
+            z = m.in_proj_z(x).reshape(B, T, -1, m.head_v_dim)
+            b, a = m.in_proj_b(x), m.in_proj_a(x)
+        g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias)
+        return mixed, g, b.sigmoid(), z
+
+    def finish(self, o, gate):
+        m = self.m
+        B, T = o.shape[:2]
+        o = m.norm(o.reshape(-1, m.head_v_dim), gate.reshape(-1, m.head_v_dim))
+        return m.out_proj(o.reshape(B, T, -1))
+
+
+class KimiDeltaAttention(LinearAttention):
+    """Kimi Linear's KDA: a decay per key channel from the low-rank forget gate."""
+
+    def project(self, x):
+        m = self.m
+        B, T = x.shape[:2]
+        mixed = torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], dim=-1)
+        g = m.forget_gate(x)  # [B, T, H, K] float32
+        beta = torch.sigmoid(m.b_proj(x))
+        gate = m.g_b_proj(m.g_a_proj(x)).view(B, T, -1, m.head_dim)
+        return mixed, g, beta, gate
+
+    def finish(self, o, gate):
+        m = self.m
+        B, T = o.shape[:2]
+        return m.o_proj(m.o_norm(o, gate).reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the decoder with ``layers``, ``embed_tokens``, ``norm``; the LM head) of a causal LM."""
+    base = getattr(model, "model", None)
+    if base is not None and not hasattr(base, "layers"):
+        base = getattr(base, "language_model", None)
+    head = getattr(model, "lm_head", None)
+    if base is None or not hasattr(base, "layers") or head is None:
+        raise TypeError(
+            f"{type(model).__name__} is not a hybrid causal LM with .model.layers and .lm_head "
+            "(expected e.g. Qwen3NextForCausalLM, Qwen3_5ForCausalLM, KimiLinearForCausalLM)"
+        )
+    return base, head
+
+
+def _mixer(layer: nn.Module, kind: str, i: int, cache: HybridCache, index: int) -> nn.Module:
+    if kind == "linear":
+        module = getattr(layer, "linear_attn", None) or getattr(layer, "self_attn", None)
+        if module is not None and hasattr(module, "forget_gate"):
+            return KimiDeltaAttention(module, cache, index)
+        if module is not None and (hasattr(module, "in_proj_qkvz") or hasattr(module, "in_proj_qkv")):
+            return GatedDeltaNet(module, cache, index)
+    else:
+        module = getattr(layer, "self_attn", None)
+        if module is not None and hasattr(module, "kv_a_proj_with_mqa"):
+            return LatentAttention(module, cache, index)
+        if module is not None and hasattr(module, "q_norm"):
+            return GatedAttention(module, cache, index)
+    raise TypeError(f"layer {i} is {kind} per the config but holds no known {kind} module: {type(layer).__name__}")
+
+
+def experts_configs(model: nn.Module) -> list[Any]:
+    """The configs that transformers' MoE experts modules of ``model`` dispatch on."""
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(m, "_is_expert_parallel") and hasattr(m, "config")}
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def static_experts(configs: list[Any]) -> Iterator[None]:
+    """Run transformers' MoE experts with ``batched_mm``: no data-dependent shapes or host syncs,
+    so a step can be captured in a CUDA graph. Only for captured steps: on CPU the default
+    ``grouped_mm`` is 5x faster at batch 16 (tiny Qwen3-Next MoE block: 0.96 ms against 4.8 ms)
+    and 2x faster at batch 1 on the mid-size benchmark model (batched_mm copies the experts)."""
+    saved = [c._experts_implementation for c in configs]
+    try:
+        for c in configs:
+            c._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._experts_implementation = impl
+
+
+class HybridForward(nn.Module):
+    """``forward(tokens, batch)`` -> logits, reading and writing ``cache``."""
+
+    def __init__(self, model: nn.Module, cache: HybridCache):
+        super().__init__()
+        self.model = model
+        self.cache = cache
+        self.base, self.head = decoder_parts(model)
+        self.rotary = getattr(self.base, "rotary_emb", None)
+        kinds = cache.spec.kinds
+        if len(self.base.layers) != len(kinds):
+            raise ValueError(f"the model has {len(self.base.layers)} layers, its config {len(kinds)}")
+        counters = {"attention": 0, "linear": 0}
+        mixers = []
+        for i, (layer, kind) in enumerate(zip(self.base.layers, kinds)):
+            mixers.append(_mixer(layer, kind, i, cache, counters[kind]))
+            counters[kind] += 1
+        self.mixers = nn.ModuleList(mixers)
+        self.experts_configs = experts_configs(model)
+
+    def forward(self, tokens: Tensor, batch: Batch, aux: list | None = None, last_only: bool = False) -> Tensor:
+        """tokens ``[1, total]`` (prefill) or ``[N, T]`` (step) -> logits ``[N, V]`` at each
+        sequence's last token (``last_only``, prefill) or ``[N, T, V]``."""
+        aux = [] if aux is None else aux
+        x = self.base.embed_tokens(tokens)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(x, batch.positions())
+        for layer, mixer in zip(self.base.layers, self.mixers):
+            h = layer.input_layernorm(x)
+            if isinstance(mixer, LinearAttention):
+                h = mixer(h, batch, aux)
+            else:
+                h = mixer(h, batch, rope)
+            x = x + h
+            h = layer.mlp(layer.post_attention_layernorm(x))
+            if isinstance(h, tuple):
+                h = h[0]
+            x = x + h
+        if last_only:
+            x = x[0, batch.cu_seqlens[1:] - 1] if batch.packed else x[:, -1]
+        return self.head(self.base.norm(x))

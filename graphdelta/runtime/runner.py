@@ -1,0 +1,260 @@
+"""The runner: prefill, decode and speculative verification of many sequences over one
+``HybridCache``.
+
+- ``prefill(slots, pieces)``: the next piece of each sequence's prompt, packed varlen in one
+  forward; a piece continues from whatever the slot holds (chunked prefill).
+- ``decode(slots, tokens)``: one token per sequence, through a static-shape step per batch-size
+  bucket (1, 2, 4, ... max_batch); rows past the batch point at slot -1 and change nothing.
+  On CUDA each bucket's step is captured once as a CUDA graph over the fixed cache buffers and
+  replayed; slots are inputs, so sequences joining and leaving never force a re-capture. On
+  CPU the same step runs eagerly.
+- ``verify(slots, tokens)`` then ``accept(counts)``: run k + 1 tokens per sequence keeping the
+  state after each, then roll every sequence back to its last accepted token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from graphdelta.runtime.cache import CacheConfig, HybridCache
+from graphdelta.runtime.forward import Batch, HybridForward, LinearAux, static_experts
+from graphdelta.runtime.layers import ModelSpec
+
+WINDOW_BLOCK = 64  # CPU steps read the cache up to the longest sequence, rounded up to this
+
+
+def unwrap(model: Any) -> nn.Module:
+    """The transformers model behind ``model`` (itself, or what ``graphdelta.compile`` wrapped)."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and not hasattr(model, "lm_head") and hasattr(inner, "lm_head"):
+        return inner
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"expected a transformers causal LM or a graphdelta-compiled one, got {type(model).__name__}")
+
+
+def compiled_state_layout(model: Any) -> str | None:
+    """The recurrent-state layout ``graphdelta.compile`` chose, if ``model`` is compiled and says."""
+    plan = getattr(model, "plan", None)
+    layouts = {getattr(lp, "state_layout", None) for lp in getattr(plan, "layers", [])} - {None}
+    return layouts.pop() if len(layouts) == 1 else None
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a step of their own: powers of two up to ``max_batch`` (and it)."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A verify step waiting for ``accept``."""
+
+    slots: list[int]
+    starts: list[int]
+    width: int
+    aux: list[LinearAux]
+
+
+class _Graph:
+    """One bucket's step captured as a CUDA graph over static inputs."""
+
+    def __init__(self, runner: "Runner", bucket: int, width: int, keep: bool):
+        dev = runner.device
+        self.tokens = torch.zeros(bucket, width, dtype=torch.long, device=dev)
+        self.slots = torch.full((bucket,), -1, dtype=torch.long, device=dev)
+        self.starts = torch.zeros(bucket, dtype=torch.long, device=dev)
+        window = runner.cache.max_len
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (Triton compiles) with padded rows only
+            for _ in range(2):
+                runner._run(self.tokens, self.slots, self.starts, window, keep)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
+            self.logits, self.aux = runner._run(self.tokens, self.slots, self.starts, window, keep)
+
+    def __call__(self, tokens: Tensor, slots: Tensor, starts: Tensor) -> tuple[Tensor, list[LinearAux]]:
+        self.tokens.copy_(tokens)
+        self.slots.copy_(slots)
+        self.starts.copy_(starts)
+        self.graph.replay()
+        return self.logits, self.aux
+
+
+class Runner:
+    def __init__(
+        self,
+        model: Any,
+        max_seqs: int = 8,
+        max_len: int = 1024,
+        max_batch: int | None = None,
+        state_layout: str | None = None,
+        cuda_graphs: bool | None = None,
+        compile_steps: bool = False,
+    ):
+        state_layout = state_layout or compiled_state_layout(model) or "kv"
+        self.model = unwrap(model).eval()
+        param = next(self.model.parameters())
+        self.device = param.device
+        self.spec = ModelSpec.from_config(self.model.config)
+        self.cache = HybridCache(self.spec, CacheConfig(max_seqs, max_len, param.dtype, param.device, state_layout))
+        self.forward = HybridForward(self.model, self.cache)
+        self.max_batch = min(max_batch or max_seqs, max_seqs)
+        self.buckets = buckets(self.max_batch)
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on CUDA, got {self.device}")
+        self._graphs: dict[tuple[int, int, bool], _Graph] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._pending: _Pending | None = None
+        # torch.compile of the step (inductor), one compilation per bucket; the window is then
+        # fixed at max_len like under CUDA graphs, so the shapes never change within a bucket.
+        self.compile_steps = compile_steps
+        self._forward = torch.compile(self.forward, dynamic=False) if compile_steps else self.forward
+
+    # ------------------------------------------------------------------ sequences
+
+    def allocate(self) -> int:
+        return self.cache.allocate()
+
+    def free(self, slot: int) -> None:
+        self._pending = None
+        self.cache.free(slot)
+
+    # ------------------------------------------------------------------ prefill
+
+    @torch.no_grad()
+    def prefill(self, slots: Sequence[int], pieces: Sequence[Sequence[int] | Tensor]) -> Tensor:
+        """Feed the next piece of each slot's prompt; returns the logits after each piece ``[N, V]``."""
+        if len(slots) != len(pieces) or not slots:
+            raise ValueError(f"prefill needs one piece per slot, got {len(slots)} slots and {len(pieces)} pieces")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"prefill slots must be distinct, got {list(slots)}")
+        pieces = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in pieces]
+        lengths = [int(p.numel()) for p in pieces]
+        for slot, n in zip(slots, lengths):
+            if n == 0:
+                raise ValueError(f"prefill got an empty piece for slot {slot}")
+            self.cache.check_room(slot, n)
+        self._pending = None
+        dev = self.device
+        starts = [self.cache.lengths[s] for s in slots]
+        lengths_t = torch.tensor(lengths, device=dev)
+        cu = torch.zeros(len(slots) + 1, dtype=torch.long, device=dev)
+        cu[1:] = lengths_t.cumsum(0)
+        rows = torch.repeat_interleave(torch.arange(len(slots), device=dev), lengths_t)
+        batch = Batch(
+            slots=torch.tensor(list(slots), dtype=torch.long, device=dev),
+            starts=torch.tensor(starts, dtype=torch.long, device=dev),
+            width=max(lengths),
+            window=self._window(max(s + n for s, n in zip(starts, lengths))),
+            cu_seqlens=cu, rows=rows, cols=torch.arange(int(cu[-1]), device=dev) - cu[rows],
+        )
+        logits = self.forward(torch.cat(pieces).to(dev)[None], batch, last_only=True)
+        for slot, n in zip(slots, lengths):
+            self.cache.lengths[slot] += n
+        return logits
+
+    # ------------------------------------------------------------------ steps
+
+    @torch.no_grad()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int] | Tensor) -> Tensor:
+        """One token for each slot; returns the next-token logits ``[B, V]``."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(len(slots), 1)
+        logits, _ = self._step(slots, tokens, keep=False)
+        return logits[:, 0]
+
+    @torch.no_grad()
+    def verify(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
+        """Run ``[B, k + 1]`` tokens (the last accepted token and k drafts) per slot, keeping the
+        state after each; returns their logits ``[B, k + 1, V]``. Call ``accept`` next."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[0] != len(slots):
+            raise ValueError(f"verify needs tokens [B={len(slots)}, k + 1], got shape {list(tokens.shape)}")
+        starts = [self.cache.length(s) for s in slots]
+        logits, aux = self._step(slots, tokens, keep=True)
+        self._pending = _Pending(list(slots), starts, tokens.shape[1], aux)
+        return logits
+
+    @torch.no_grad()
+    def accept(self, counts: Sequence[int]) -> None:
+        """Keep the first ``counts[b]`` (1 .. k + 1) tokens of the last ``verify`` for each of its
+        slots: states, conv states and lengths go back exactly to that token."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("accept() needs a verify() just before it (another call came in between)")
+        if len(counts) != len(pending.slots) or not all(1 <= c <= pending.width for c in counts):
+            raise ValueError(
+                f"accept needs one count in [1, {pending.width}] per verified slot {pending.slots}, got {list(counts)}"
+            )
+        dev = self.device
+        rows = torch.arange(len(counts), device=dev)
+        n = torch.tensor(list(counts), dtype=torch.long, device=dev)
+        slots = torch.tensor(pending.slots, dtype=torch.long, device=dev)
+        width = self.spec.linear.conv_width - 1
+        for aux, conv_pool, state_pool in zip(pending.aux, self.cache.conv, self.cache.state):
+            state_pool[slots] = aux.states[rows, n - 1]
+            inputs = torch.cat([aux.conv_before[rows], aux.conv_inputs[rows].transpose(1, 2).to(conv_pool.dtype)], -1)
+            window = n[:, None] + torch.arange(width, device=dev)[None, :]  # the W - 1 inputs before token n
+            conv_pool[slots] = torch.gather(inputs, 2, window[:, None, :].expand(-1, inputs.shape[1], -1))
+        for slot, start, c in zip(pending.slots, pending.starts, counts):
+            self.cache.lengths[slot] = start + c
+            self.cache._invalidate(slot, keep_up_to=start + c)
+        self._pending = None
+
+    def _window(self, longest: int) -> int:
+        if self.cuda_graphs or self.compile_steps:
+            return self.cache.max_len
+        return min(self.cache.max_len, -(-longest // WINDOW_BLOCK) * WINDOW_BLOCK)
+
+    def bucket(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        raise ValueError(f"batch of {batch} sequences exceeds max_batch={self.max_batch}")
+
+    def _step(self, slots: Sequence[int], tokens: Tensor, keep: bool) -> tuple[Tensor, list[LinearAux]]:
+        B, T = tokens.shape
+        if B == 0 or len(set(slots)) != len(slots):
+            raise ValueError(f"a step needs distinct slots, got {list(slots)}")
+        for slot in slots:
+            self.cache.check_room(slot, T)
+        self._pending = None
+        size = self.bucket(B)
+        dev = self.device
+        starts = [self.cache.lengths[s] for s in slots]
+        tokens_p = torch.zeros(size, T, dtype=torch.long, device=dev)
+        tokens_p[:B] = tokens.to(dev)
+        slots_p = torch.full((size,), -1, dtype=torch.long, device=dev)
+        slots_p[:B] = torch.tensor(list(slots), dtype=torch.long, device=dev)
+        starts_p = torch.zeros(size, dtype=torch.long, device=dev)
+        starts_p[:B] = torch.tensor(starts, dtype=torch.long, device=dev)
+        if self.cuda_graphs:
+            key = (size, T, keep)
+            if key not in self._graphs:
+                self._graphs[key] = _Graph(self, size, T, keep)
+            logits, aux = self._graphs[key](tokens_p, slots_p, starts_p)
+        else:
+            logits, aux = self._run(tokens_p, slots_p, starts_p, self._window(max(starts) + T), keep)
+        for slot in slots:
+            self.cache.lengths[slot] += T
+        return (logits[:B].clone() if self.cuda_graphs else logits[:B]), aux
+
+    def _run(self, tokens: Tensor, slots: Tensor, starts: Tensor, window: int, keep: bool):
+        """The static step: shapes depend only on (bucket, T, window)."""
+        batch = Batch(slots, starts, tokens.shape[1], window, keep_intermediate=keep)
+        aux: list[LinearAux] = []
+        if not self.cuda_graphs:
+            return self._forward(tokens, batch, aux), aux  # the model's own MoE dispatch
+
+        with static_experts(self.forward.experts_configs):
+            logits = self._forward(tokens, batch, aux)
+        return logits, aux

@@ -1,0 +1,51 @@
+"""The state the passes share: what was found in the model, what each layer gets, and why."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable
+
+from torch import nn
+
+from .discover import Layer
+
+# Every replacement bumps one of these (process-wide; ``explain`` shows a compile's own counts).
+COUNTERS: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass
+class Region:
+    """A function a layer calls, replaced by a graphdelta op."""
+
+    callee: str
+    op: str
+    evidence: list[str]
+    variants: int
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    path: str
+    layer: Layer
+    regions: list[Region] = dataclasses.field(default_factory=list)
+    # (callee, why, family): a callee whose arguments fit a family's roles but was not replaced
+    fallbacks: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    recognized: dict[str, Any] = dataclasses.field(default_factory=dict)  # callee -> Recognized*
+    state_layout: str | None = None
+    layout_reason: str = ""
+    replacements: dict[str, Callable] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Plan:
+    model: nn.Module
+    probe: Callable[[nn.Module], None]
+    state_layout: str  # "auto", "kv" or "vk"
+    layers: list[LayerPlan] = dataclasses.field(default_factory=list)
+    counters: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  # time the passes took
+
+    def count(self, name: str) -> None:
+        self.counters[name] += 1
+        COUNTERS[name] += 1

@@ -1,0 +1,83 @@
+"""Tiny hybrid models for the compiler tests and benchmarks: the four transformers families at
+hidden size 128 with 4 layers mixing linear and full attention, GVA ratio 2 where the family
+has it, random weights from a fixed seed, float32.
+
+``build(family)`` returns an eval-mode ``*ForCausalLM``; ``FAMILIES`` lists the names.
+"""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "kimi_linear")
+LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+
+
+def _heads(hidden: int) -> tuple[int, int]:
+    """(head dim, key heads): 32 and 2 at the tiny size; 64 and hidden / 256 from 512 up."""
+    return (32, 2) if hidden < 512 else (64, hidden // 256)
+
+
+def _qwen_common(hidden: int, layers: int) -> dict:
+    head, key_heads = _heads(hidden)
+    return dict(
+        vocab_size=512, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=2 * key_heads, num_key_value_heads=key_heads, head_dim=head,
+        linear_num_key_heads=key_heads, linear_num_value_heads=2 * key_heads,  # GVA ratio 2
+        linear_key_head_dim=head, linear_value_head_dim=head, linear_conv_kernel_dim=4,
+        layer_types=_layer_types(layers), max_position_embeddings=4096,
+    )
+
+
+def _layer_types(layers: int) -> list[str]:
+    return [LAYER_TYPES[i % len(LAYER_TYPES)] for i in range(layers)]
+
+
+def config(family: str, hidden: int = 128, layers: int = 4):
+    """The transformers config of a small ``family`` model."""
+    import transformers as tf
+
+    if family == "qwen3_next":
+        return tf.Qwen3NextConfig(
+            **_qwen_common(hidden, layers), intermediate_size=2 * hidden,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+            shared_expert_intermediate_size=hidden,
+        )
+    if family == "qwen3_5":
+        return tf.Qwen3_5TextConfig(**_qwen_common(hidden, layers), intermediate_size=2 * hidden)
+    if family == "qwen3_5_moe":
+        return tf.Qwen3_5MoeTextConfig(
+            **_qwen_common(hidden, layers), num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden,
+        )
+    if family == "kimi_linear":
+        # Kimi Delta Attention has as many key as value heads (no GVA in its config).
+        return tf.KimiLinearConfig(
+            vocab_size=512, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, intermediate_size=2 * hidden,
+            moe_intermediate_size=hidden, num_experts=4, num_experts_per_tok=2,
+            kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
+            v_head_dim=32, linear_head_dim=32, linear_num_heads=4, linear_conv_kernel_dim=4,
+            layer_types=_layer_types(layers), max_position_embeddings=4096,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+
+
+def build(family: str, hidden: int = 128, layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialized ``family`` causal LM (float32, eval mode)."""
+    import transformers as tf
+
+    classes = {
+        "qwen3_next": tf.Qwen3NextForCausalLM,
+        "qwen3_5": tf.Qwen3_5ForCausalLM,
+        "qwen3_5_moe": tf.Qwen3_5MoeForCausalLM,
+        "kimi_linear": tf.KimiLinearForCausalLM,
+    }
+    torch.manual_seed(seed)
+    model = classes[family](config(family, hidden, layers))
+    return model.float().eval()
+
+
+def tokens(length: int, batch: int = 1, seed: int = 1, vocab: int = 512) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)

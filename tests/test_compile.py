@@ -1,0 +1,147 @@
+"""graphdelta.compile on the transformers hybrid families: logits and cache against eager, the
+graphdelta ops in the compiled graph and nothing of the chunk pipeline left, one prefill graph
+for every prompt length, both state layouts.
+
+Each family compiles once (module-scoped fixture). Inductor takes minutes per graph on 2
+shared CPU cores, so the tests stop before it: Qwen3-Next goes through ``aot_eager`` (Dynamo
+and AOT autograd over the graphdelta ops: their fakes and the functionalized in-place conv
+update), the other families through Dynamo alone (``eager``). The benchmark uses inductor.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import graphdelta
+import models
+
+FAMILIES = models.FAMILIES
+LENGTHS = (7, 100)  # 1 and 2 chunks
+CACHED = (70, 1)  # a 70-token prefill into a cache, then one decode step
+ONE_GRAPH_LENGTHS = (2, 63, 64, 65, 129, 200, 321, 600)  # chunk counts 1, 2, 3, 4, 6, 10
+RTOL = 1e-4
+BACKENDS = {"qwen3_next": "aot_eager"}  # others: "eager"
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    torch._dynamo.reset()
+    model = models.build(request.param)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = graphdelta.compile(model, backend=BACKENDS.get(request.param, "eager"), state_layout="kv")
+    # every linear-attention function must fuse: no graphdelta fallback warning
+    assert not [str(w.message) for w in caught if "graphdelta" in str(w.message)]
+    return request.param, model, compiled
+
+
+@torch.no_grad()
+def test_logits_match_eager(family):
+    name, model, compiled = family
+    for length in LENGTHS:
+        ids = models.tokens(length)
+        ref = model(ids, use_cache=False).logits
+        out = compiled(ids, use_cache=False).logits
+        assert rel_err(out, ref) < RTOL, (name, length)
+
+
+@torch.no_grad()
+def test_cache_matches_eager(family):
+    name, model, compiled = family
+    prefill, step = CACHED
+    ids = models.tokens(prefill)
+    ref = model(ids, use_cache=True)
+    out = compiled(ids, use_cache=True)
+    assert rel_err(out.logits, ref.logits) < RTOL
+    nxt = models.tokens(step, seed=7)
+    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+    assert rel_err(out2.logits, ref2.logits) < RTOL, name
+    layer = next(lp for lp in compiled.plan.layers if lp.regions).layer.module.layer_idx
+    ref_state = ref2.past_key_values.layers[layer].recurrent_states[0]
+    out_state = out2.past_key_values.layers[layer].recurrent_states[0]
+    assert rel_err(out_state, ref_state) < RTOL
+
+
+def test_graph_holds_graphdelta_ops(family):
+    name, _, compiled = family
+    graphs = compiled.graph_log.graphs
+    assert graphs, "run the numerical tests first (module order)"
+    n_linear = sum(1 for lp in compiled.plan.layers if lp.regions)
+    assert n_linear == 3
+    prefill = [g for g in graphs if "chunk_gated_delta_rule" in g.graphdelta_ops]
+    decode = [g for g in graphs if "recurrent_gated_delta_rule" in g.graphdelta_ops]
+    assert prefill and decode
+    for g in prefill:
+        assert g.graphdelta_ops["chunk_gated_delta_rule"] == n_linear
+        assert g.graphdelta_ops["causal_conv1d"] == n_linear
+    for g in decode:
+        assert g.graphdelta_ops["causal_conv1d_update"] == n_linear
+    for g in graphs:
+        assert not g.leftovers, (name, g.leftovers)  # no solve_triangular
+        assert g.matmuls == 0, (name, g.matmuls)  # no per-chunk matmul chain
+    counters = compiled.plan.counters
+    assert counters["gated_delta_chunk"] == counters["gated_delta_recurrent"] == n_linear
+    assert counters["conv"] == counters["conv_update"] == n_linear
+
+
+@torch.no_grad()
+def test_one_prefill_graph_for_all_lengths(family):
+    name, model, compiled = family
+    if name != "qwen3_5":
+        pytest.skip("one family is enough: the graph count does not depend on the family")
+    before = len(compiled.graph_log.graphs)
+    for length in ONE_GRAPH_LENGTHS:
+        compiled(models.tokens(length), use_cache=False)
+    new = compiled.graph_log.graphs[before:]
+    # LENGTHS already compiled the no-cache prefill graph: no length here needs another.
+    assert new == [], [g.reason for g in new]
+    ids = models.tokens(ONE_GRAPH_LENGTHS[-1])
+    assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < RTOL
+
+
+@torch.no_grad()
+def test_state_layouts_agree():
+    model = models.build("qwen3_next")
+    ids, nxt = models.tokens(80), models.tokens(1, seed=3)
+    logits, states = {}, {}
+    for layout in ("kv", "vk"):
+        compiled = graphdelta.compile(model, backend="eager", state_layout=layout)
+        out = compiled(ids, use_cache=True)
+        out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+        assert all(lp.state_layout == layout for lp in compiled.plan.layers if lp.regions)
+        logits[layout] = (out.logits, out2.logits)
+        states[layout] = out2.past_key_values.layers[0].recurrent_states[0]
+    ref = model(ids, use_cache=True)
+    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    for layout, (a, b) in logits.items():
+        assert rel_err(a, ref.logits) < RTOL and rel_err(b, ref2.logits) < RTOL, layout
+    # the cache holds the layout the kernels use: vk is the transpose of kv
+    assert rel_err(states["vk"], states["kv"].transpose(-1, -2)) < RTOL
+
+
+def test_explain_reports_layers_and_graphs(family):
+    name, _, compiled = family
+    text = graphdelta.explain(compiled)
+    assert "-> graphdelta::chunk_gated_delta_rule" in text
+    assert "-> graphdelta::recurrent_gated_delta_rule" in text
+    assert "-> graphdelta::causal_conv1d_update" in text
+    assert "state layout: kv" in text
+    assert f"graphs compiled so far: {len(compiled.graph_log.graphs)}" in text
+    assert "compiled because: first call" in text
+
+
+def test_report_command_line(tmp_path, capsys):
+    from graphdelta import report
+
+    models.config("qwen3_5").save_pretrained(tmp_path)
+    assert report.main([str(tmp_path), "--lengths", "20", "--backend", "eager"]) == 0
+    text = capsys.readouterr().out
+    assert "replaced torch_chunk_gated_delta_rule -> graphdelta::chunk_gated_delta_rule" in text
+    assert "graphs compiled so far: 1" in text

@@ -1,0 +1,340 @@
+"""The runtime against transformers and against itself: greedy parity with ``model.generate``,
+slot isolation, chunked == one-shot prefill, snapshots, truncation atomicity, speculative
+rollback, sampling and streaming. Tiny fp32 models on CPU (tests/models.py)."""
+import pytest
+import torch
+
+import graphdelta
+from graphdelta.runtime import Runner
+from graphdelta.runtime.generate import runner_for, sample
+
+from models import build, tokens
+
+PARITY_FAMILIES = ["qwen3_next", "qwen3_5", "kimi_linear"]
+LOGIT_FAMILIES = ["qwen3_5_moe"]  # prefill + decode logits only (the MoE variant of Qwen3.5)
+PROMPT_LENGTHS = [(7, 1), (19, 2), (12, 3)]  # (length, seed)
+NEW_TOKENS = 32
+ATOL = 2e-5
+
+_models: dict = {}
+
+
+def model(family: str):
+    if family not in _models:
+        _models[family] = build(family)
+    return _models[family]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose much on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return model("qwen3_next")
+
+
+def prompts():
+    return [tokens(n, seed=s)[0] for n, s in PROMPT_LENGTHS]
+
+
+def greedy(runner: Runner, slot: int, logits: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Decode ``steps`` greedy tokens for ``slot`` alone, from the logits of its last token."""
+    out, seen = [], []
+    for _ in range(steps):
+        token = int(logits.argmax())
+        out.append(token)
+        logits = runner.decode([slot], [token])[0]
+        seen.append(logits)
+    return out, seen
+
+
+def cache_copy(runner: Runner) -> list[torch.Tensor]:
+    return [t.clone() for t in runner.cache.buffers()]
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("family", PARITY_FAMILIES)
+def test_greedy_matches_transformers_generate(family):
+    m = model(family)
+    got = graphdelta.generate(m, prompts(), max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    for prompt, mine in zip(prompts(), got):
+        ref = m.generate(prompt[None], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        ref = ref[0, prompt.numel():].tolist()
+        assert len(mine) == NEW_TOKENS
+        # transformers stops early only at the model's EOS token; we were told to ignore it.
+        assert mine[: len(ref)] == ref
+
+
+@pytest.mark.parametrize("family", LOGIT_FAMILIES + PARITY_FAMILIES[:1])
+def test_prefill_and_decode_logits_match_transformers(family):
+    m = model(family)
+    runner = Runner(m, max_seqs=2, max_len=64)
+    slot = runner.allocate()
+    ids = tokens(21, seed=4)[0]
+    logits = runner.prefill([slot], [ids[:-3]])[0]
+    with torch.no_grad():
+        ref = m(ids[None]).logits[0]
+    torch.testing.assert_close(logits, ref[-4], atol=ATOL, rtol=0)
+    for i in range(3):
+        logits = runner.decode([slot], [int(ids[-3 + i])])[0]
+        torch.testing.assert_close(logits, ref[-3 + i], atol=ATOL, rtol=0)
+
+
+def test_generate_accepts_a_wrapper_and_leaves_the_model_usable(qwen):
+    class Compiled(torch.nn.Module):  # what graphdelta.compile returns exposes .model
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    p = prompts()[:1]
+    experts = qwen.config._experts_implementation
+    expected = graphdelta.generate(qwen, p, max_new_tokens=8, eos_token_id=[])
+    assert graphdelta.generate(Compiled(qwen), p, max_new_tokens=8, eos_token_id=[]) == expected
+    assert qwen.config._experts_implementation == experts  # the runtime leaves the model as it was
+    ref = qwen.generate(p[0][None], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert ref[0, p[0].numel():].tolist() == expected[0]
+
+
+def test_generate_on_a_compiled_model(qwen):
+    """``graphdelta.generate`` runs what ``graphdelta.compile`` returns, in the state layout it
+    chose, with the greedy tokens of transformers' ``generate``."""
+    compiled = graphdelta.compile(qwen, backend="eager", state_layout="vk", warn=False)
+    runner = runner_for(compiled, max_seqs=2, max_len=32)
+    assert runner.cache.state_layout == "vk" and runner.model is qwen
+    p = prompts()[2]
+    got = graphdelta.generate(compiled, [p], max_new_tokens=8, eos_token_id=[])
+    ref = qwen.generate(p[None], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert got == [ref[0, p.numel():].tolist()]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_slot_isolation(qwen):
+    """A sequence's tokens and logits do not depend on who else is in the batch."""
+    alone = Runner(qwen, max_seqs=4, max_len=64)
+    a = alone.allocate()
+    ref_tokens, ref_logits = greedy(alone, a, alone.prefill([a], [prompts()[0]])[0], 12)
+
+    runner = Runner(qwen, max_seqs=4, max_len=64)
+    a, b = runner.allocate(), runner.allocate()
+    first = runner.prefill([a, b], [prompts()[0], prompts()[1]])  # packed with another prompt
+    last = {a: first[0], b: first[1]}
+    c = None
+    got_tokens, got_logits = [], []
+    for step in range(12):
+        if step == 3:
+            c = runner.allocate()
+            last[c] = runner.prefill([c], [prompts()[2]])[0]  # joins mid-way
+        if step == 8:
+            runner.free(b)  # leaves; bucket of 2 with a and c
+            del last[b]
+        slots = list(last)  # 2 or 3 rows: bucket 4 has padded rows
+        toks = [int(last[s].argmax()) for s in slots]
+        got_tokens.append(toks[0])
+        out = runner.decode(slots, toks)
+        last = {s: out[i] for i, s in enumerate(slots)}
+        got_logits.append(out[0])
+    assert got_tokens == ref_tokens
+    for x, y in zip(got_logits, ref_logits):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+def test_padded_rows_change_nothing(qwen):
+    runner = Runner(qwen, max_seqs=8, max_len=32)
+    slots = [runner.allocate() for _ in range(3)]
+    runner.prefill(slots, prompts())
+    before = cache_copy(runner)
+    runner.decode(slots[:1], [5])  # bucket 1: no padding
+    runner.decode(slots[1:], [6, 7])  # bucket 2
+    runner.decode(slots, [1, 2, 3])  # bucket 4: one padded row
+    after = runner.cache.buffers()
+    for slot in range(3, 8):  # unused slots: conv, recurrent state untouched
+        for b, a in zip(before, after):
+            if a.shape[0] == 8:
+                assert torch.equal(b[slot], a[slot])
+
+
+def test_chunked_prefill_equals_one_shot(qwen):
+    long_prompt = tokens(70, seed=7)[0]
+    one = Runner(qwen, max_seqs=2, max_len=96)
+    s = one.allocate()
+    ref = one.prefill([s], [long_prompt])[0]
+    ref_states = [t[s].clone() for t in one.cache.state + one.cache.conv]
+    ref_tokens, _ = greedy(one, s, ref, 4)
+
+    chunked = Runner(qwen, max_seqs=2, max_len=96)
+    s, other = chunked.allocate(), chunked.allocate()
+    pieces = [long_prompt[:13], long_prompt[13:14], long_prompt[14:50], long_prompt[50:]]
+    chunked.prefill([s, other], [pieces[0], prompts()[1]])  # a piece packed with another prompt
+    for piece in pieces[1:]:
+        logits = chunked.prefill([s], [piece])[0]
+    assert chunked.cache.length(s) == 70
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+    for a, b in zip(ref_states, chunked.cache.state + chunked.cache.conv):
+        torch.testing.assert_close(a, b[s], atol=ATOL, rtol=0)
+    got_tokens, _ = greedy(chunked, s, logits, 4)
+    assert got_tokens == ref_tokens
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def test_snapshot_restore_and_fork(qwen):
+    runner = Runner(qwen, max_seqs=4, max_len=64)
+    s = runner.allocate()
+    logits = runner.prefill([s], [prompts()[1]])[0]
+    snap = runner.cache.snapshot(s)
+    ref_tokens, ref_logits = greedy(runner, s, logits, 6)
+    live = runner.cache.fork(s)  # branch of the live sequence at 19 + 6 tokens
+    assert runner.cache.length(live) == runner.cache.length(s)
+
+    runner.cache.restore(snap)  # back to the end of the prompt
+    assert runner.cache.length(s) == prompts()[1].numel()
+    again_tokens, again_logits = greedy(runner, s, logits, 6)
+    assert again_tokens == ref_tokens
+    for x, y in zip(again_logits, ref_logits):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+    prefix = runner.cache.fork(snap)  # prefix reuse: a new sequence from the snapshot
+    fork_tokens, _ = greedy(runner, prefix, logits, 6)
+    assert fork_tokens == ref_tokens
+    # The live fork continues exactly like the original would have.
+    cont = runner.decode([live], [ref_tokens[-1]])[0]
+    runner.cache.truncate(s, prompts()[1].numel())
+    greedy(runner, s, logits, 6)
+    torch.testing.assert_close(cont, runner.decode([s], [ref_tokens[-1]])[0], atol=ATOL, rtol=0)
+
+
+def test_truncate_without_snapshot_fails_and_changes_nothing(qwen):
+    runner = Runner(qwen, max_seqs=3, max_len=64)
+    s = runner.allocate()
+    logits = runner.prefill([s], [prompts()[0]])[0]
+    snap = runner.cache.snapshot(s)  # at 7 tokens
+    greedy(runner, s, logits, 5)  # 12 tokens
+    before, length = cache_copy(runner), runner.cache.length(s)
+    with pytest.raises(ValueError, match=r"no snapshot at 9 \(snapshots at \[7\]\)"):
+        runner.cache.truncate(s, 9)
+    with pytest.raises(ValueError, match="to 20 tokens"):
+        runner.cache.truncate(s, 20)
+    assert runner.cache.length(s) == length
+    for b, a in zip(before, runner.cache.buffers()):
+        assert torch.equal(b, a)
+    runner.cache.truncate(s, 7)  # honored by the snapshot
+    assert runner.cache.length(s) == 7
+    runner.cache.truncate(s, 0)  # always possible: the empty sequence
+    assert not snap.valid
+    with pytest.raises(ValueError, match="no longer valid"):
+        runner.cache.restore(snap)
+    with pytest.raises(ValueError, match="no longer valid"):
+        runner.cache.fork(snap)
+    # A fork that finds no free slot changes nothing either.
+    runner.allocate(), runner.allocate()
+    with pytest.raises(RuntimeError, match="all 3 cache slots are in use"):
+        runner.cache.fork(s)
+
+
+# ----------------------------------------------------------------------------- speculative
+
+
+@pytest.mark.parametrize("state_layout", ["kv", "vk"])
+def test_speculative_rollback_is_exact(qwen, state_layout):
+    """Verify 3 drafts per sequence, accept 2 of 4 and 4 of 4: the result equals decoding only
+    the accepted tokens."""
+    p = prompts()[:2]
+    ref = Runner(qwen, max_seqs=2, max_len=64, state_layout=state_layout)
+    ra = [ref.allocate(), ref.allocate()]
+    first = ref.prefill(ra, p)
+    drafts = torch.tensor([[int(first[0].argmax()), 11, 12, 13], [int(first[1].argmax()), 21, 22, 23]])
+
+    spec = Runner(qwen, max_seqs=2, max_len=64, state_layout=state_layout)
+    sa = [spec.allocate(), spec.allocate()]
+    spec.prefill(sa, p)
+    verified = spec.verify(sa, drafts)  # [2, 4, V]
+    spec.accept([2, 4])
+
+    for row, (slot, accepted) in enumerate(zip(ra, (2, 4))):
+        for t in range(accepted):
+            logits = ref.decode([slot], [int(drafts[row, t])])[0]
+            torch.testing.assert_close(verified[row, t], logits, atol=ATOL, rtol=0)
+    assert [spec.cache.length(s) for s in sa] == [ref.cache.length(s) for s in ra] == [9, 23]
+    for a, b in zip(ref.cache.state + ref.cache.conv, spec.cache.state + spec.cache.conv):
+        torch.testing.assert_close(a[:2], b[:2], atol=ATOL, rtol=0)
+    nxt = [5, 6]
+    torch.testing.assert_close(spec.decode(sa, nxt), ref.decode(ra, nxt), atol=ATOL, rtol=0)
+    with pytest.raises(RuntimeError, match="needs a verify"):
+        spec.accept([1, 1])
+
+
+# ----------------------------------------------------------------------------- generate API
+
+
+def test_generate_sampling_stream_and_eos(qwen):
+    p = prompts()
+    kwargs = dict(max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, eos_token_id=[])
+    streamed = []
+    first = graphdelta.generate(qwen, p, seed=3, stream=lambda i, t: streamed.append((i, t)), **kwargs)
+    assert graphdelta.generate(qwen, p, seed=3, **kwargs) == first
+    assert all(len(x) == 10 for x in first)
+    for i in range(len(p)):
+        assert [t for j, t in streamed if j == i] == first[i]
+
+    greedy_out = graphdelta.generate(qwen, p, max_new_tokens=6, eos_token_id=[])
+    eos = greedy_out[1][2]  # sequence 1 stops at its third token; the others run on
+    stopped = graphdelta.generate(qwen, p, max_new_tokens=6, eos_token_id=eos, max_batch=2)
+    assert stopped[1] == greedy_out[1][: greedy_out[1].index(eos) + 1]
+    for i in (0, 2):
+        cut = greedy_out[i].index(eos) + 1 if eos in greedy_out[i] else 6
+        assert stopped[i] == greedy_out[i][:cut]
+
+
+def test_sample_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert sample(logits).tolist() == [3]
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample(logits, 1.0, top_k=1, generator=g)) for _ in range(20)} == {3}
+    assert {int(sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)} <= {2, 3}
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample(logits, 1.0, top_p=1.5)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_graph_replay_equals_eager_and_addresses_never_change():
+    m = build("qwen3_next").cuda()
+    graphs = Runner(m, max_seqs=4, max_len=64, cuda_graphs=True)
+    eager = Runner(m, max_seqs=4, max_len=64, cuda_graphs=False)
+    addresses = graphs.cache.addresses()
+    unused = [t[3].clone() for t in graphs.cache.conv + graphs.cache.state]  # slot 3 is never allocated
+    gs = [graphs.allocate() for _ in range(3)]
+    es = [eager.allocate() for _ in range(3)]
+    lg = graphs.prefill(gs[:2], prompts()[:2])
+    le = eager.prefill(es[:2], prompts()[:2])
+    for step in range(6):
+        if step == 2:  # a third sequence joins: same bucket sizes, no new capture
+            lg = torch.cat([lg, graphs.prefill(gs[2:], prompts()[2:])])
+            le = torch.cat([le, eager.prefill(es[2:], prompts()[2:])])
+        toks = le.argmax(-1).tolist()
+        lg = graphs.decode(gs[: len(toks)], toks)
+        le = eager.decode(es[: len(toks)], toks)
+        torch.testing.assert_close(lg, le, atol=1e-4, rtol=0)
+    graphs.free(gs[0])
+    eager.free(es[0])
+    toks = le[1:].argmax(-1).tolist()
+    torch.testing.assert_close(graphs.decode(gs[1:], toks), eager.decode(es[1:], toks), atol=1e-4, rtol=0)
+    assert sorted(k[0] for k in graphs._graphs) == [2, 4]  # one capture per bucket used
+    assert graphs.cache.addresses() == addresses
+    for before, pool in zip(unused, graphs.cache.conv + graphs.cache.state):  # padded rows wrote nothing
+        assert torch.equal(before, pool[3])
