@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--state-layout", choices=["auto", "kv", "vk"], default="auto")
+    parser.add_argument("--backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
+                        help="what compiles the rewritten graph (aot_eager compiles in seconds)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
           f"parameters), prompt of {ids.shape[1]} tokens\n")
 
     start = time.perf_counter()
-    compiled = graphdelta.compile(model, state_layout=args.state_layout)
+    compiled = graphdelta.compile(model, state_layout=args.state_layout, backend=args.backend)
     print(f"== graphdelta.compile ({time.perf_counter() - start:.1f} s)")
     with torch.no_grad():
         start = time.perf_counter()
