@@ -60,3 +60,10 @@ def test_cli_errors_say_what_to_do():
     result = subprocess.run([sys.executable, *CLI, "generate", "--model", "/nonexistent"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode != 0 and "give a local transformers checkpoint folder" in result.stderr
+
+
+def test_layout_study_and_fuzz_examples_run():
+    out = run("examples/layout_study.py", "--batches", "1", "--repeats", "2")
+    assert "vk speedup" in out
+    out = run("examples/fuzz_kernels.py", "--examples", "3")
+    assert "all implementations agree with the reference" in out
