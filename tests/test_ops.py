@@ -12,6 +12,9 @@ from graphdelta.testing import (
 )
 
 IMPLS = implementations()
+# Two float32 implementations each within ~1e-5 of the reference (TOLERANCES documents the
+# bound) can differ from each other by about twice that.
+FP32 = TOLERANCES[torch.float32]
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +42,7 @@ def test_chunked_equals_recurrent(spec):
     p = spec.build()
     o1, s1 = gd.chunk_gated_delta_rule(**p.kwargs())
     o2, s2 = gd.recurrent_gated_delta_rule(**p.kwargs())
-    assert relative_error(o1, o2) < 1e-5 and relative_error(s1, s2) < 1e-5
+    assert relative_error(o1, o2) < FP32 and relative_error(s1, s2) < FP32
 
 
 @given(problem_specs(Capabilities(varlen=False, dtypes=("float32",))).filter(lambda s: s.T >= 2),
@@ -54,8 +57,8 @@ def test_split_prefill_equals_one_pass(spec, where):
     second = {**kw, **{n: kw[n][:, cut:] for n in ("q", "k", "v", "g", "beta")}}
     o1, s1 = gd.chunk_gated_delta_rule(**first)
     o2, s2 = gd.chunk_gated_delta_rule(**{**second, "initial_state": s1})
-    assert relative_error(torch.cat([o1, o2], 1), o) < 1e-5
-    assert relative_error(s2, s) < 1e-5
+    assert relative_error(torch.cat([o1, o2], 1), o) < FP32
+    assert relative_error(s2, s) < FP32
 
 
 @settings(max_examples=10)
@@ -70,8 +73,8 @@ def test_varlen_equals_separate_calls(spec):
         if kw["initial_state"] is not None:
             part["initial_state"] = kw["initial_state"][n : n + 1]
         o_n, s_n = gd.chunk_gated_delta_rule(**part)
-        assert relative_error(o[:, a:b], o_n) < 1e-6
-        assert relative_error(s[n : n + 1], s_n) < 1e-6
+        assert relative_error(o[:, a:b], o_n) < FP32
+        assert relative_error(s[n : n + 1], s_n) < FP32
 
 
 @pytest.mark.parametrize("op", [gd.chunk_gated_delta_rule, gd.recurrent_gated_delta_rule])
@@ -122,8 +125,8 @@ def test_decode_padded_rows_touch_nothing_and_intermediates_roll_back(layout, pe
                    "initial_state": kw["initial_state"][n : n + 1]}
             ref_o, ref_s = Problem(spec, **{x: one[x] for x in ("q", "k", "v", "g", "beta")},
                                    initial_state=one["initial_state"], cu_seqlens=None).reference()
-            assert relative_error(inter[row, t - 1], ref_s[0]) < 1e-5
-        assert relative_error(o[row], ref_o[0]) < 1e-5
+            assert relative_error(inter[row, t - 1], ref_s[0]) < FP32
+        assert relative_error(o[row], ref_o[0]) < FP32
     assert torch.equal(inter[2, -1], pool[1]) and torch.equal(inter[0, -1], pool[4])
     untouched = [0, 2, 3, 5]
     assert torch.equal(pool[untouched], before[untouched])
