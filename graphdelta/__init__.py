@@ -1,5 +1,7 @@
 """graphdelta: a compiler for hybrid linear-attention language models.
 
+- ``graphdelta.compile(model)`` / ``graphdelta.explain(compiled)``: the compiler (``passes/``);
+- ``graphdelta.generate(model, prompts, ...)``: generation over the hybrid cache (``runtime/``);
 - ``graphdelta.ops``: the gated delta rule (GDN, KDA), its decode step, the causal conv1d, as
   graph-visible ``torch.ops.graphdelta.*`` ops with fla-compatible signatures;
 - ``graphdelta.reference``: the token-by-token reference every implementation is checked against;
@@ -15,13 +17,15 @@ from graphdelta.ops import (
     gated_delta_rule_decode,
     recurrent_gated_delta_rule,
 )
-
 from graphdelta.compiler import compile, explain  # noqa: A004 - graphdelta.compile(model)
 from graphdelta.runtime.generate import generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "compile",
+    "explain",
+    "generate",
     "ops",
     "reference",
     "chunk_gated_delta_rule",
