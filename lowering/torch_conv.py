@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .torch_chunk import compute_dtype
-from .varlen import Packing
+from .varlen import Packing, write_rows
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -72,9 +72,8 @@ def causal_conv1d_update(
     # A handful of new tokens: a windowed multiply-sum is ~100x cheaper here than conv1d's
     # general kernel (benchmarks/decode.py). Padded rows compute on slot 0 and are dropped.
     if state_indices is None:
-        valid, slots = None, torch.arange(B, device=x.device)
-    else:
-        valid, slots = state_indices >= 0, state_indices.long().clamp_min(0)
+        state_indices = torch.arange(B, device=x.device)
+    valid, slots = state_indices >= 0, state_indices.long().clamp_min(0)
     full = torch.cat([conv_state.index_select(0, slots).to(cdt), x.to(cdt).transpose(1, 2)], dim=-1)
     windows = full[..., S_len - (W - 1):].unfold(-1, W, 1)  # [B, D, T, W]
     y = (windows * weight.to(cdt)[:, None, :]).sum(-1)
@@ -82,11 +81,7 @@ def causal_conv1d_update(
         y = y + bias.to(cdt)[:, None]
     y = _activate(y, activation).transpose(1, 2)
     new = full[..., -S_len:].to(conv_state.dtype)
-    if valid is None or bool(valid.all()):
-        conv_state.index_copy_(0, slots, new)
-    else:
-        rows = valid.nonzero().squeeze(1)
-        conv_state.index_copy_(0, slots[rows], new[rows])
-        y = torch.where(valid.view(B, 1, 1), y, 0)
+    write_rows(conv_state, slots, valid, new)
+    y = torch.where(valid.view(B, 1, 1), y, 0)
     y = y.to(x.dtype)
     return y

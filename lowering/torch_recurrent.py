@@ -8,7 +8,7 @@ import torch
 
 from graphdelta.reference import l2norm, to_kv
 from .torch_chunk import compute_dtype
-from .varlen import Packing
+from .varlen import Packing, write_rows
 
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
@@ -109,9 +109,5 @@ def gated_delta_rule_decode(
     if output_intermediate_states:
         inter = torch.where(keep.unsqueeze(-1), torch.stack(states, dim=1), 0).to(state_pool.dtype)
     new = to_kv(S.reshape(B, HV, K, V), state_layout).to(state_pool.dtype)
-    if bool(valid.all()):
-        state_pool.index_copy_(0, slots, new)
-    else:
-        rows = valid.nonzero().squeeze(1)
-        state_pool.index_copy_(0, slots[rows], new[rows])
+    write_rows(state_pool, slots, valid, new)
     return o, inter

@@ -1,4 +1,4 @@
-"""Packing of variable-length batches for the PyTorch (CPU) path.
+"""Packing of variable-length batches, and writes into state pools, for the PyTorch (CPU) path.
 
 ``cu_seqlens`` ``[N + 1]`` describes N sequences packed along T of a ``B == 1`` batch. The
 PyTorch implementations work on a padded batch ``[N, L, ...]`` instead, where padding tokens
@@ -51,3 +51,16 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1) -> torch.Tenso
     shape = list(x.shape)
     shape[dim] = extra
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def write_rows(pool: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, new: torch.Tensor) -> None:
+    """``pool[slots[b]] = new[b]`` for the rows b where ``valid``; padded rows write nothing.
+
+    Whole-batch ``index_copy_`` when every row is real (the common decode step), else only the
+    real rows, so a padded row's clamped slot never races a real row's write.
+    """
+    if bool(valid.all()):
+        pool.index_copy_(0, slots, new)
+    else:
+        rows = valid.nonzero().squeeze(1)
+        pool.index_copy_(0, slots[rows], new[rows])
