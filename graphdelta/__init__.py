@@ -2,7 +2,8 @@
 
 - ``graphdelta.compile(model)`` / ``graphdelta.explain(compiled)``: the compiler (``passes/``);
 - ``graphdelta.generate(model, prompts, ...)``: generation over the hybrid cache (``runtime/``);
-- ``graphdelta.ops``: the gated delta rule (GDN, KDA), its decode step, the causal conv1d, as
+- ``graphdelta.ops``: the gated delta rule (GDN, KDA), its decode step, the causal conv1d and the
+  gated RMSNorm, as
   graph-visible ``torch.ops.graphdelta.*`` ops with fla-compatible signatures;
 - ``graphdelta.reference``: the token-by-token reference every implementation is checked against;
 - ``graphdelta.testing`` / ``python -m graphdelta.fuzz``: hypothesis strategies and the checker.
@@ -15,6 +16,7 @@ from graphdelta.ops import (
     chunk_kda,
     fused_recurrent_gated_delta_rule,
     gated_delta_rule_decode,
+    gated_rms_norm,
     recurrent_gated_delta_rule,
 )
 from graphdelta.compiler import compile, explain  # noqa: A004 - graphdelta.compile(model)
@@ -35,4 +37,5 @@ __all__ = [
     "gated_delta_rule_decode",
     "causal_conv1d",
     "causal_conv1d_update",
+    "gated_rms_norm",
 ]

@@ -159,3 +159,24 @@ def check_conv(x, weight, bias, state, activation, state_name: str = "initial_st
     for name, t in (("weight", weight), ("bias", bias), (state_name, state)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+NORM_ACTIVATIONS = ("silu", "swish", "sigmoid")
+
+
+def check_gated_norm(x, gate, weight, eps, activation) -> None:
+    """Validate a gated RMSNorm: ``x`` and ``gate`` ``[..., D]``, ``weight`` ``[D]``."""
+    check_tensor("x", x)
+    check_tensor("gate", gate)
+    check_tensor("weight", weight, dims=1)
+    if x.dim() < 1 or gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {list(x.shape)}, got {list(gate.shape)}")
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [D] = [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
+    if not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if activation not in NORM_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {NORM_ACTIVATIONS}, got {activation!r}")
+    for name, t in (("gate", gate), ("weight", weight)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")

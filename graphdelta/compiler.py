@@ -6,11 +6,13 @@ Pipeline (the stages live in ``graphdelta.passes``, in the order of ``passes.PAS
 1. discover, on a short eager probe, which Python functions each layer calls and with what;
 2. recognize, from the traced graph of each function and a numerical check against
    ``graphdelta.reference``, the chunked gated delta rule, its token recurrence and the
-   causal conv1d, and build a drop-in that calls the graphdelta op;
+   causal conv1d, and among the leaf submodules the gated RMSNorm; build a drop-in that
+   calls the graphdelta op;
 3. choose the recurrent-state layout per layer;
 4. trace the whole model with Dynamo (``dynamic=True``) while the layers call the drop-ins,
    so each region is one op node and the chunk count is no longer a guard: one graph serves
-   every prompt length; hand the graph to the backend (inductor by default).
+   every prompt length; hand the graph to the backend (inductor by default, which on CPU
+   receives the gated RMSNorm's decomposition so that it fuses it with its neighbours).
 
 Whatever is not recognized, or not confirmed numerically, runs as written, with a warning
 naming the layer. ``graphdelta.explain(compiled)`` reports what happened.
@@ -98,7 +100,12 @@ class GraphLog:
             if self.inner == "inductor":
                 from torch._inductor.compile_fx import compile_fx
 
-                compiled = compile_fx(gm, example_inputs)
+                from torch._inductor.decomposition import select_decomp_table
+
+                from graphdelta.ops import inductor_decompositions
+
+                table = {**select_decomp_table(), **inductor_decompositions()}
+                compiled = compile_fx(gm, example_inputs, decompositions=table)
             elif self.inner == "aot_eager":
                 compiled = torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
             else:
@@ -142,10 +149,10 @@ class CompiledModel(nn.Module):
         self.model = model
         self.plan = plan
         self.graph_log = backend
-        self.patch = discover.LayerPatch({
-            lp.layer.module: discover.forward_with(lp.layer, lp.replacements)
-            for lp in plan.layers if lp.replacements
-        })
+        forwards = {lp.layer.module: discover.forward_with(lp.layer, lp.replacements)
+                    for lp in plan.layers if lp.replacements}
+        forwards.update({lp.layer.module: lp.module_forward for lp in plan.layers if lp.module_forward})
+        self.patch = discover.LayerPatch(forwards)
         self._compiled = torch.compile(model, backend=backend, dynamic=dynamic, **compile_kwargs)
 
     def forward(self, *args, **kwargs):

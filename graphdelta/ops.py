@@ -1,5 +1,5 @@
-"""graphdelta's ops: the gated delta rule (GDN and KDA), its decode step over a state pool, and
-the causal depthwise conv1d of the linear-attention layers.
+"""graphdelta's ops: the gated delta rule (GDN and KDA), its decode step over a state pool, the
+causal depthwise conv1d and the gated RMSNorm of the linear-attention layers.
 
 Each op is a ``torch.library.custom_op`` in the ``graphdelta`` namespace, so a compiled graph
 holds one ``torch.ops.graphdelta.*`` node per call, with a fake implementation that gives the
@@ -111,6 +111,31 @@ def _conv_update_op(
 @_conv_update_op.register_fake
 def _(x, conv_state, weight, bias, state_indices, activation):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("graphdelta::gated_rms_norm", mutates_args=())
+def _norm_op(x: Tensor, gate: Tensor, weight: Tensor, eps: float, activation: str, norm_before_gate: bool) -> Tensor:
+    return implementation("gated_rms_norm", x)(x, gate, weight, eps, activation, norm_before_gate).contiguous()
+
+
+@_norm_op.register_fake
+def _(x, gate, weight, eps, activation, norm_before_gate):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def inductor_decompositions() -> dict:
+    """graphdelta ops that inductor should see through rather than call: on CPU the gated
+    RMSNorm is a few elementwise ops and a reduction that inductor fuses with its neighbours
+    better than any opaque call could; on CUDA the decomposition declines (NotImplemented) and
+    the op stays, to run its Triton kernel."""
+    from graphdelta.lowering import backend_for, torch_norm
+
+    def norm(x, gate, weight, eps, activation, norm_before_gate):
+        if backend_for(x) != "torch":
+            return NotImplemented
+        return torch_norm.gated_rms_norm(x, gate, weight, eps, activation, norm_before_gate)
+
+    return {torch.ops.graphdelta.gated_rms_norm.default: norm}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -305,3 +330,28 @@ def causal_conv1d_update(
         raise ValueError(f"conv_state holds {conv_state.shape[0]} states for a batch of {x.shape[0]}")
     y = torch.ops.graphdelta.causal_conv1d_update(x3, conv_state, weight, bias, state_indices, activation)
     return y.squeeze(1) if x.dim() == 2 else y
+
+
+def gated_rms_norm(
+    x: Tensor,
+    gate: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+    activation: str = "silu",
+    norm_before_gate: bool = True,
+) -> Tensor:
+    """The gated RMSNorm at the output of a GDN (SiLU gate) or KDA (sigmoid gate) layer.
+
+    Args:
+        x, gate: ``[..., D]``, the same shape (e.g. ``[B, T, HV, V]`` or ``[B * T * HV, V]``).
+        weight: ``[D]``.
+        eps: added to the mean square.
+        activation: ``"silu"`` (alias ``"swish"``) or ``"sigmoid"``, applied to ``gate``.
+        norm_before_gate: ``rmsnorm(x) * weight * act(gate)`` (Qwen3-Next, Qwen3.5, Kimi Linear)
+            when True, else ``rmsnorm(x * act(gate)) * weight`` (Mamba2's other order).
+
+    Returns:
+        ``[..., D]`` in x's dtype, computed in float32.
+    """
+    checks.check_gated_norm(x, gate, weight, eps, activation)
+    return torch.ops.graphdelta.gated_rms_norm(x, gate, weight, float(eps), activation, norm_before_gate)

@@ -146,3 +146,28 @@ def causal_conv1d(
             window = window[:, 1:]
         finals.append(window)
     return y, torch.stack(finals)
+
+
+def gated_rms_norm(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    activation: str = "silu",
+    norm_before_gate: bool = True,
+) -> torch.Tensor:
+    """The gated RMSNorm at the output of a linear-attention layer, in the dtype of ``x``.
+
+    ``x`` and ``gate`` ``[..., D]``, ``weight`` ``[D]``; ``act`` is SiLU (``"silu"``/``"swish"``,
+    GDN) or a sigmoid (``"sigmoid"``, KDA)::
+
+        norm_before_gate:  rmsnorm(x) * weight * act(gate)
+        otherwise:         rmsnorm(x * act(gate)) * weight
+
+    with ``rmsnorm(h) = h / sqrt(mean(h^2) + eps)`` over the last dimension.
+    """
+    gate = gate.to(x.dtype)
+    act = torch.sigmoid(gate) if activation == "sigmoid" else gate * torch.sigmoid(gate)
+    h = x if norm_before_gate else x * act
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+    return y * act if norm_before_gate else y

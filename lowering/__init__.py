@@ -38,6 +38,10 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "triton": "triton_conv:causal_conv1d_update",
         "torch": "torch_conv:causal_conv1d_update",
     },
+    "gated_rms_norm": {
+        "triton": "triton_norm:gated_rms_norm",
+        "torch": "torch_norm:gated_rms_norm",
+    },
 }
 
 

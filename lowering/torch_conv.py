@@ -65,23 +65,35 @@ def causal_conv1d_update(
 
     ``state_indices`` ``[B]`` (None: row b uses state b); rows with -1 change nothing and get zeros.
     """
-    B, T, D = x.shape
-    W = weight.shape[1]
-    S_len = conv_state.shape[-1]
-    cdt = compute_dtype(x.dtype)
-    # A handful of new tokens: a windowed multiply-sum is ~100x cheaper here than conv1d's
-    # general kernel (benchmarks/decode.py). Padded rows compute on slot 0 and are dropped.
+    B = x.shape[0]
     if state_indices is None:
         state_indices = torch.arange(B, device=x.device)
+    # Padded rows compute on slot 0 and are dropped.
     valid, slots = state_indices >= 0, state_indices.long().clamp_min(0)
-    full = torch.cat([conv_state.index_select(0, slots).to(cdt), x.to(cdt).transpose(1, 2)], dim=-1)
+    y, new = conv_update_rows(x, conv_state.index_select(0, slots), weight, bias, activation)
+    write_rows(conv_state, slots, valid, new)
+    return torch.where(valid.view(B, 1, 1), y, 0)
+
+
+def conv_update_rows(
+    x: torch.Tensor,
+    states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New tokens ``x`` ``[B, T, D]`` after the gathered conv ``states`` ``[B, D, S]``: returns
+    ``y`` ``[B, T, D]`` and the new states (no pool, nothing data-dependent: inductor fuses it)."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    S_len = states.shape[-1]
+    cdt = compute_dtype(x.dtype)
+    # A handful of new tokens: a windowed multiply-sum is ~100x cheaper here than conv1d's
+    # general kernel (benchmarks/decode.py).
+    full = torch.cat([states.to(cdt), x.to(cdt).transpose(1, 2)], dim=-1)
     windows = full[..., S_len - (W - 1):].unfold(-1, W, 1)  # [B, D, T, W]
     y = (windows * weight.to(cdt)[:, None, :]).sum(-1)
     if bias is not None:
         y = y + bias.to(cdt)[:, None]
     y = _activate(y, activation).transpose(1, 2)
-    new = full[..., -S_len:].to(conv_state.dtype)
-    write_rows(conv_state, slots, valid, new)
-    y = torch.where(valid.view(B, 1, 1), y, 0)
-    y = y.to(x.dtype)
-    return y
+    return y.to(x.dtype), full[..., -S_len:].to(states.dtype)

@@ -70,6 +70,40 @@ def recurrent_gated_delta_rule(
     return o.to(out_dtype), to_kv(final, state_layout).contiguous()
 
 
+def decode_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    states: torch.Tensor,
+    scale: float,
+    use_qk_l2norm_in_kernel: bool,
+    state_layout: str,
+    output_intermediate_states: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """T tokens for each of B sequences from their gathered ``states`` ``[B, HV, K, V]`` (kv) /
+    ``[B, HV, V, K]`` (vk); no pool, no padded rows, nothing data-dependent, so that inductor
+    can trace and fuse a whole decode step through it.
+
+    Returns ``o`` ``[B, T, HV, V]``, the states after every token ``[B, T, HV, ...]`` (if asked,
+    else ``[0]``) and the final states ``[B, HV, ...]``, both in ``states``' dtype and layout.
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    qs, ks, vs, gs, bs = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    S = to_kv(states, state_layout).to(qs.dtype).reshape(B, H, HV // H, K, V)
+    outs, inter = [], []
+    for t in range(T):
+        S, o_t = _step(S, qs[:, t], ks[:, t], vs[:, t], gs[:, t], bs[:, t])
+        outs.append(o_t.reshape(B, HV, V))
+        if output_intermediate_states:
+            inter.append(to_kv(S.reshape(B, HV, K, V), state_layout))
+    o = torch.stack(outs, dim=1).to(v.dtype)
+    kept = torch.stack(inter, dim=1).to(states.dtype) if inter else states.new_zeros(0)
+    return o, kept, to_kv(S.reshape(B, HV, K, V), state_layout).to(states.dtype)
+
+
 def gated_delta_rule_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,25 +123,16 @@ def gated_delta_rule_decode(
     output. Returns ``o`` ``[B, T, HV, V]`` and, if asked, the state after every token
     ``[B, T, HV, K, V]`` (kv) / ``[B, T, HV, V, K]`` (vk) in the pool's dtype (else ``[0]``).
     """
-    B, T, H, K = q.shape
-    HV, V = v.shape[2:]
+    B = q.shape[0]
     # Every row computes (a padded row on slot 0's state, harmlessly); only real rows are
     # written back. Whole-batch index_select / index_copy_ keep a one-token step to a few ops.
     valid = state_indices >= 0
     slots = state_indices.long().clamp_min(0)
-    qs, ks, vs, gs, bs = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
-    S = to_kv(state_pool.index_select(0, slots), state_layout).to(qs.dtype).reshape(B, H, HV // H, K, V)
-    outs, states = [], []
-    for t in range(T):
-        S, o_t = _step(S, qs[:, t], ks[:, t], vs[:, t], gs[:, t], bs[:, t])
-        outs.append(o_t.reshape(B, HV, V))
-        if output_intermediate_states:
-            states.append(to_kv(S.reshape(B, HV, K, V), state_layout))
+    o, inter, new = decode_rows(q, k, v, g, beta, state_pool.index_select(0, slots), scale,
+                                use_qk_l2norm_in_kernel, state_layout, output_intermediate_states)
     keep = valid.view(B, 1, 1, 1)
-    o = torch.where(keep, torch.stack(outs, dim=1), 0).to(v.dtype)
-    inter = state_pool.new_zeros(0)
+    o = torch.where(keep, o, 0)
     if output_intermediate_states:
-        inter = torch.where(keep.unsqueeze(-1), torch.stack(states, dim=1), 0).to(state_pool.dtype)
-    new = to_kv(S.reshape(B, HV, K, V), state_layout).to(state_pool.dtype)
+        inter = torch.where(keep.unsqueeze(-1), inter, 0)
     write_rows(state_pool, slots, valid, new)
     return o, inter

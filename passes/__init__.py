@@ -1,16 +1,19 @@
 """Passes: find the gated-delta pipeline, the token recurrence and the causal conv1d in the
-functions a model's layers call, and replace each recognized function with a graphdelta op.
+functions a model's layers call, and the gated RMSNorm among its submodules, and replace each
+recognized function or module with a graphdelta op.
 
 They run on a ``Plan`` in this order (``PASSES``), each a named callable whose docstring says
 what it expects and what it leaves behind:
 
-1. ``discover_calls``: list each layer's global callees and record their calls on a probe
-   (everything later decides from recorded calls, never from names);
+1. ``discover_calls``: list each layer's global callees and the candidate norm submodules,
+   and record their calls on a probe (everything later decides from recorded calls, never
+   from names);
 2. ``recognize_gated_delta``: chunked gated delta rule and token recurrence (GDN and KDA);
 3. ``recognize_conv``: causal depthwise conv1d and its state update;
-4. ``choose_state_layout``: kv or vk per layer, after 2 (it needs to know which state-reading
+4. ``recognize_gated_norm``: the gated RMSNorm (SiLU or sigmoid gate) submodules;
+5. ``choose_state_layout``: kv or vk per layer, after 2 (it needs to know which state-reading
    functions were replaced);
-5. ``substitute``: build the per-layer forwards that call the replacements, last, once every
+6. ``substitute``: build the per-layer forwards that call the replacements, last, once every
    decision is made.
 
 Every replacement bumps a counter in ``Plan.counters`` and ``plan.COUNTERS``; ``explain``
@@ -23,16 +26,18 @@ from typing import Callable
 
 import torch
 
-from . import conv, discover, gated_delta
+from . import conv, discover, gated_delta, norm
 from .layout import choose_state_layout
 from .plan import COUNTERS, LayerPlan, Plan, Region
 
 
 def discover_calls(plan: Plan) -> Plan:
     """Expects: ``plan.model`` and ``plan.probe``. Leaves: one ``LayerPlan`` per module whose
-    forward calls global Python functions, with every call seen during the probe recorded."""
+    forward calls global Python functions, and ``plan.submodules`` (leaf modules that may be a
+    gated norm), with every call seen during the probe recorded."""
     layers = discover.find_layers(plan.model)
-    discover.probe(plan.model, layers, plan.probe)
+    plan.submodules = discover.find_submodules(plan.model, norm.is_candidate)
+    discover.probe(plan.model, layers, plan.probe, plan.submodules)
     plan.layers = [LayerPlan(layer.path, layer) for layer in layers]
     return plan
 
@@ -70,11 +75,35 @@ def recognize_conv(plan: Plan) -> Plan:
     return _recognize(plan, "conv", conv.assign_roles, conv.recognize)
 
 
+def recognize_gated_norm(plan: Plan) -> Plan:
+    """Expects: recorded submodule calls. Leaves: a ``LayerPlan`` with ``recognized["forward"]``
+    = ``norm.RecognizedNorm`` for every gated-RMSNorm submodule, and one with a ``fallbacks``
+    entry for every submodule with the structure but not the numbers of one."""
+    for sub in plan.submodules:
+        got = norm.recognize(sub)
+        if got is None:
+            continue
+        layer = discover.Layer(sub.path, sub.module, type(sub.module).forward, {})
+        lp = LayerPlan(sub.path, layer)
+        if isinstance(got, str):
+            lp.fallbacks.append(("forward", got, "gated_norm"))
+        else:
+            lp.recognized["forward"] = got
+        plan.layers.append(lp)
+    return plan
+
+
 def substitute(plan: Plan) -> Plan:
     """Expects: ``recognized`` and ``state_layout`` per layer. Leaves: ``replacements`` (global
     name -> drop-in function) and ``regions`` per layer, and bumps one counter per replacement."""
     for lp in plan.layers:
         for name, rec in lp.recognized.items():
+            if isinstance(rec, norm.RecognizedNorm):
+                sub = next(s for s in plan.submodules if s.module is lp.layer.module)
+                lp.module_forward = norm.replacement(rec, sub)
+                lp.regions.append(Region(name, rec.op, rec.evidence, len(rec.variants)))
+                plan.count(rec.kind)
+                continue
             callee = lp.layer.callees[name]
             binder = discover.Binder(callee.signature)
             if isinstance(rec, gated_delta.Recognized):
@@ -94,6 +123,7 @@ PASSES: tuple[Callable[[Plan], Plan], ...] = (
     discover_calls,
     recognize_gated_delta,
     recognize_conv,
+    recognize_gated_norm,
     choose_state_layout,
     substitute,
 )

@@ -9,6 +9,10 @@ cache, prefill into a cache, one decode step), and keeps for each function the a
 actually received and what it returned. The recognizers (``gated_delta``, ``conv``) decide
 from those calls, the traced graph and numerical checks what each function computes.
 
+Some regions are whole modules instead (the gated RMSNorm is a ``norm(x, gate)`` submodule):
+``find_submodules`` lists the leaf modules a recognizer asks for, and the same probe records
+their calls through forward hooks.
+
 The per-layer copy of ``forward`` is the same code object with its own globals, so a
 substitution affects one layer of one model and nothing else; ``LayerPatch`` installs it as
 an instance attribute for the duration of a call and removes it afterwards.
@@ -57,7 +61,18 @@ class Layer:
     callees: dict[str, Callee]
 
 
+@dataclasses.dataclass
+class Submodule:
+    """A leaf module whose calls the probe records, for recognizers that replace a whole module."""
+
+    path: str
+    module: nn.Module
+    signature: inspect.Signature  # of its forward, without ``self``
+    calls: list[Call] = dataclasses.field(default_factory=list)
+
+
 _SCOPES = itertools.count()
+MAX_RECORDED_CALLS = 4  # per submodule: the probe's prefill, cached prefill and decode shapes
 
 
 def _unwrap(fn: Callable) -> Callable:
@@ -92,6 +107,36 @@ def find_layers(model: nn.Module) -> list[Layer]:
         if callees:
             layers.append(Layer(path, module, forward, callees))
     return layers
+
+
+def find_submodules(model: nn.Module, accept: Callable[[nn.Module], bool]) -> list[Submodule]:
+    """Leaf modules (no children) for which ``accept(module)`` holds, with their signatures."""
+    found = []
+    for path, module in model.named_modules():
+        if next(module.children(), None) is not None or not accept(module):
+            continue
+        try:
+            signature = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            continue
+        found.append(Submodule(path, module, signature))
+    return found
+
+
+def _record_module(sub: Submodule) -> tuple[Callable, Callable]:
+    """A forward pre-hook and hook pair recording ``sub``'s calls (inputs cloned before the call)."""
+    binder = Binder(sub.signature)
+    pending: list[dict[str, Any]] = []
+
+    def before(module, args, kwargs):
+        pending.append({k: _clone(v) for k, v in binder(args, kwargs).items()})
+
+    def after(module, args, kwargs, output):
+        bound = pending.pop()
+        if len(sub.calls) < MAX_RECORDED_CALLS:
+            sub.calls.append(Call(bound, set(), _clone_out(output)))
+
+    return before, after
 
 
 def _clone(x: Any) -> Any:
@@ -184,11 +229,22 @@ class LayerPatch:
                     module.forward = old
 
 
-def probe(model: nn.Module, layers: list[Layer], run: Callable[[nn.Module], None]) -> None:
-    """Run ``run(model)`` eagerly with every callee of every layer recorded."""
+def probe(model: nn.Module, layers: list[Layer], run: Callable[[nn.Module], None],
+          submodules: list[Submodule] = ()) -> None:
+    """Run ``run(model)`` eagerly with every callee of every layer, and every call of the
+    given submodules, recorded."""
     patch = LayerPatch({
         layer.module: forward_with(layer, {n: _recorder(c) for n, c in layer.callees.items()})
         for layer in layers
     })
-    with patch.applied(), torch.no_grad():
-        run(model)
+    handles = []
+    for sub in submodules:
+        before, after = _record_module(sub)
+        handles.append(sub.module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(sub.module.register_forward_hook(after, with_kwargs=True))
+    try:
+        with patch.applied(), torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .discover import Layer
+from .discover import Layer, Submodule
 
 # Every replacement bumps one of these (process-wide; ``explain`` shows a compile's own counts).
 COUNTERS: collections.Counter[str] = collections.Counter()
@@ -34,6 +34,7 @@ class LayerPlan:
     state_layout: str | None = None
     layout_reason: str = ""
     replacements: dict[str, Callable] = dataclasses.field(default_factory=dict)
+    module_forward: Callable | None = None  # replaces the module's whole forward (gated norm)
 
 
 @dataclasses.dataclass
@@ -42,6 +43,7 @@ class Plan:
     probe: Callable[[nn.Module], None]
     state_layout: str  # "auto", "kv" or "vk"
     layers: list[LayerPlan] = dataclasses.field(default_factory=list)
+    submodules: list[Submodule] = dataclasses.field(default_factory=list)  # recorded whole-module candidates
     counters: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0  # time the passes took

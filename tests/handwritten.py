@@ -7,11 +7,13 @@
 - the triangular system solved by an explicit forward substitution over rows;
 - q/k normalized by the caller (``F.normalize``), so the function has no l2norm flag;
 - the state carried in a plain dict, decode by a separate per-token function;
-- the short convolution as ``F.conv1d`` on a left-padded input, SiLU applied by the caller.
+- the short convolution as ``F.conv1d`` on a left-padded input, SiLU applied by the caller;
+- the output norm gated by a sigmoid *before* normalizing, with ``** -0.5`` instead of rsqrt.
 
 ``dispatched_chunks`` hides the same function behind an opaque kernel call, as transformers does
 when fla is installed. And two look-alikes that must *not* be replaced: ``leaky_chunks`` returns an intermediate
-(the solved triangular system) that the layer reuses, and ``undecayed_chunks`` ignores the gate.
+(the solved triangular system) that the layer reuses, and ``undecayed_chunks`` ignores the gate;
+the ``loose_norm`` mixer adds its norm's eps after the root instead of before it.
 """
 from __future__ import annotations
 
@@ -134,6 +136,22 @@ def delta_tokens(r, w, u, log_a, lr, carry):
     return torch.stack(outs, dim=1).to(u.dtype), state
 
 
+class HeadNorm(nn.Module):
+    """Per-head output norm gated before normalizing, with a sigmoid (not SiLU) and a power
+    of -1/2 (not rsqrt); ``eps_after_root`` makes a look-alike the compiler must keep."""
+
+    def __init__(self, head: int, eps_after_root: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(head))
+        self.eps_after_root = eps_after_root
+
+    def forward(self, values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = values * torch.sigmoid(gate)
+        if self.eps_after_root:
+            return h / (h.square().mean(-1, keepdim=True).sqrt() + 1e-5) * self.scale
+        return h * (h.square().mean(-1, keepdim=True) + 1e-5) ** -0.5 * self.scale
+
+
 class Mixer(nn.Module):
     """One gated-delta token mixer; ``kernel`` picks the chunk function (for the look-alikes)."""
 
@@ -145,6 +163,8 @@ class Mixer(nn.Module):
         self.taps = nn.Parameter(torch.randn(inner, 4) * 0.3)
         self.gate_proj = nn.Linear(width, value_heads * head)
         self.rate_proj = nn.Linear(width, value_heads)
+        self.out_gate = nn.Linear(width, value_heads * head, bias=False)
+        self.out_norm = HeadNorm(head, eps_after_root=kernel == "loose_norm")
         self.proj_out = nn.Linear(value_heads * head, width, bias=False)
         self.kernel = kernel
 
@@ -178,6 +198,7 @@ class Mixer(nn.Module):
             out, state = delta_chunks(r, w, u, log_a, lr, carry)
         if memory is not None:
             memory["state"] = state
+        out = self.out_norm(out, self.out_gate(x).reshape(b, t, self.hv, self.d))
         return self.proj_out(out.reshape(b, t, -1)) + extra
 
 

@@ -52,14 +52,16 @@ def fused():
 def test_handwritten_is_fused(fused):
     _, compiled, messages = fused
     assert messages == []
-    for lp in compiled.plan.layers:
-        if lp.path.startswith("mixers."):
-            ops = {r.callee: r.op for r in lp.regions}
-            assert ops == {
-                "delta_chunks": "graphdelta::chunk_gated_delta_rule",
-                "delta_tokens": "graphdelta::recurrent_gated_delta_rule",
-                "tap_mix": "graphdelta::causal_conv1d",
-            }
+    for i in range(2):
+        ops = {lp.path: {r.callee: r.op for r in lp.regions} for lp in compiled.plan.layers}
+        assert ops[f"mixers.{i}"] == {
+            "delta_chunks": "graphdelta::chunk_gated_delta_rule",
+            "delta_tokens": "graphdelta::recurrent_gated_delta_rule",
+            "tap_mix": "graphdelta::causal_conv1d",
+        }
+        assert ops[f"mixers.{i}.out_norm"] == {"forward": "graphdelta::gated_rms_norm"}
+    norm = next(lp for lp in compiled.plan.layers if lp.path == "mixers.0.out_norm").regions[0]
+    assert "confirmed: sigmoid gate, gate, then norm, x='values', gate='gate'" in norm.evidence
     chunk = next(r for r in compiled.plan.layers[0].regions if r.callee == "delta_chunks")
     evidence = " ".join(chunk.evidence)
     assert "chunk size 32" in evidence and "forward substitution" in evidence and "per-channel" in evidence
@@ -72,6 +74,7 @@ def test_handwritten_matches_eager(fused):
     assert graphs and all(not g.leftovers and g.matmuls == 0 for g in graphs)
     prefill = [g for g in graphs if "chunk_gated_delta_rule" in g.graphdelta_ops]
     assert prefill and all(g.graphdelta_ops["chunk_gated_delta_rule"] == 2 for g in prefill)
+    assert all(g.graphdelta_ops["gated_rms_norm"] == 2 for g in graphs)
 
 
 def test_kernel_dispatcher_is_seen_through():
@@ -98,6 +101,16 @@ def test_lookalike_is_kept_and_warned(kernel, why):
     assert any(r.callee == "delta_chunks" for r in compiled.plan.layers[0].regions)
     # Dynamo unrolls the kept function (31 forward-substitution rows per graph): one length.
     check_against_eager(model, compiled, lengths=(5,), cached=False)
+
+
+def test_lookalike_norm_is_kept_and_warned():
+    model = handwritten.build("loose_norm")
+    compiled, messages = compile_recording(model)
+    assert any("layer mixers.1.out_norm: forward kept as written" in m and "no positive scalar eps" in m
+               for m in messages), messages
+    ops = {lp.path: [r.op for r in lp.regions] for lp in compiled.plan.layers}
+    assert ops["mixers.0.out_norm"] == ["graphdelta::gated_rms_norm"] and ops["mixers.1.out_norm"] == []
+    check_against_eager(model, compiled, lengths=(40,), cached=False)
 
 
 @torch.no_grad()

@@ -157,10 +157,27 @@ def test_padded_rows_change_nothing(qwen):
     runner.decode(slots[1:], [6, 7])  # bucket 2
     runner.decode(slots, [1, 2, 3])  # bucket 4: one padded row
     after = runner.cache.buffers()
-    for slot in range(3, 8):  # unused slots: conv, recurrent state untouched
-        for b, a in zip(before, after):
-            if a.shape[0] == 8:
-                assert torch.equal(b[slot], a[slot])
+    for b, a in zip(before, after):
+        assert a.shape[0] == 9  # 8 slots and the sentinel row that padded rows use
+        assert torch.equal(b[3:8], a[3:8])  # unused slots: attention, conv and recurrent state untouched
+
+
+def test_compiled_steps_match_eager_steps(qwen):
+    """``compile_steps=True`` (inductor over the whole step, static MoE dispatch, the sentinel
+    row for the padded row of bucket 4) gives the eager steps' logits and cache."""
+    runners = [Runner(qwen, max_seqs=4, max_len=40, compile_steps=c) for c in (False, True)]
+    logits = []
+    for runner in runners:
+        slots = [runner.allocate() for _ in range(3)]
+        last = runner.prefill(slots, prompts())
+        seen = []
+        for _ in range(3):
+            last = runner.decode(slots, last.argmax(-1).tolist())
+            seen.append(last)
+        logits.append(torch.stack(seen))
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)
+    for a, b in zip(runners[0].cache.buffers(), runners[1].cache.buffers()):
+        torch.testing.assert_close(a[:3], b[:3], atol=ATOL, rtol=0)
 
 
 def test_chunked_prefill_equals_one_shot(qwen):

@@ -64,9 +64,10 @@ def test_planner_qwen3_next_80b():
     assert plan.conv_bytes_per_sequence == 36 * 8192 * 3 * 2 == 1769472
     # At 32k tokens: 768 MiB of attention + 73.7 MiB of fixed state per sequence.
     assert plan.bytes_per_sequence(32768) == 24576 * 32768 + 75497472 + 1769472 == 882573312
-    # 40 GiB, less one sentinel attention row: (42949672960 - 805306368) // 882573312 = 47
+    # 40 GiB hold 48 rows of 882573312 bytes (42949672960 // 882573312 = 48), one of them the
+    # sentinel row that padded rows of a batched step use.
     assert plan.max_sequences(40 * GIB, 32768) == 47
-    assert plan.max_sequences(80 * GIB, 4096) == (80 * GIB - 24576 * 4096) // (24576 * 4096 + 77266944) == 482
+    assert plan.max_sequences(80 * GIB, 4096) == 80 * GIB // (24576 * 4096 + 77266944) - 1 == 481
 
 
 def test_planner_qwen3_5_35b():
@@ -76,7 +77,7 @@ def test_planner_qwen3_5_35b():
     assert plan.attention_bytes_per_token == 10 * 2 * 2 * 256 * 2 == 20480
     assert plan.recurrent_bytes_per_sequence == 30 * 32 * 128 * 128 * 4 == 62914560
     assert plan.conv_bytes_per_sequence == 30 * 8192 * 3 * 2 == 1474560
-    assert plan.max_sequences(24 * GIB, 262144) == (24 * GIB - 20480 * 262144) // (20480 * 262144 + 64389120) == 3
+    assert plan.max_sequences(24 * GIB, 262144) == 24 * GIB // (20480 * 262144 + 64389120) - 1 == 3
 
 
 def test_cache_allocates_what_the_plan_says():
@@ -86,5 +87,6 @@ def test_cache_allocates_what_the_plan_says():
     spec = ModelSpec.from_config(config)
     cache = HybridCache(spec, CacheConfig(max_seqs=3, max_len=40, dtype=torch.bfloat16, state_layout="vk"))
     assert cache.nbytes() == plan_memory(spec, torch.bfloat16).total_bytes(3, 40)
-    assert cache.state[0].shape == (3, 4, 8, 16)  # vk: [slots, heads, v_dim, k_dim]
+    assert cache.state[0].shape == (4, 4, 8, 16)  # vk: [slots + the sentinel, heads, v_dim, k_dim]
+    assert cache.conv[0].shape == (4, 2 * 2 * 16 + 4 * 8, 3)
     assert cache.k[0].shape == (4, 1, 40, 32)  # 3 slots + the sentinel

@@ -1,10 +1,12 @@
 """The hybrid cache: every buffer allocated once, at a fixed address, updated in place.
 
-- full-attention layers: K ``[slots + 1, kv_heads, max_len, k_dim]`` and V (``v_dim``); the last
-  row is a sentinel that padded rows of a batched step write into and nobody reads;
-- linear-attention layers: a conv state ``[slots, conv_dim, conv_width - 1]`` and a recurrent
-  state ``[slots, heads, k_dim, v_dim]`` (``state_layout="kv"``) or ``[..., v_dim, k_dim]``
+- full-attention layers: K ``[slots + 1, kv_heads, max_len, k_dim]`` and V (``v_dim``);
+- linear-attention layers: a conv state ``[slots + 1, conv_dim, conv_width - 1]`` and a recurrent
+  state ``[slots + 1, heads, k_dim, v_dim]`` (``state_layout="kv"``) or ``[..., v_dim, k_dim]``
   ("vk"), float32;
+- in every buffer the last row is a sentinel that padded rows of a batched step read and write
+  and nobody else uses: a step then needs no data-dependent branch, so it can be compiled or
+  captured whole;
 - a ``SlotAllocator`` hands slots to sequences and takes them back; ``lengths[slot]`` counts the
   tokens a sequence has in the cache.
 
@@ -86,13 +88,13 @@ class HybridCache:
         self.plan: MemoryPlan = plan_memory(spec, config.dtype, config.state_dtype)
         n, L, dev = config.max_seqs, config.max_len, torch.device(config.device)
         a, lin = spec.attention, spec.linear
-        self.sentinel = n  # the extra attention row padded rows write into
+        self.sentinel = n  # the extra row of every buffer, for padded rows
         kv = dict(dtype=config.dtype, device=dev)
         self.k = [torch.zeros(n + 1, a.kv_heads, L, a.k_dim, **kv) for _ in spec.attention_layers]
         self.v = [torch.zeros(n + 1, a.kv_heads, L, a.v_dim, **kv) for _ in spec.attention_layers]
-        self.conv = [torch.zeros(n, lin.conv_dim, lin.conv_width - 1, dtype=config.dtype, device=dev)
+        self.conv = [torch.zeros(n + 1, lin.conv_dim, lin.conv_width - 1, dtype=config.dtype, device=dev)
                      for _ in spec.linear_layers]
-        state_shape = checks.state_shape(n, lin.heads, lin.k_dim, lin.v_dim, config.state_layout)
+        state_shape = checks.state_shape(n + 1, lin.heads, lin.k_dim, lin.v_dim, config.state_layout)
         self.state = [torch.zeros(state_shape, dtype=config.state_dtype, device=dev) for _ in spec.linear_layers]
         self.allocator = SlotAllocator(n)
         self.lengths = [0] * n

@@ -3,7 +3,7 @@
 Attention layers grow with every token (K and V for each KV head); linear-attention layers keep
 a fixed conv state and recurrent state per sequence, whatever its length. The cache allocates
 exactly what this plan says (``HybridCache.nbytes() == plan.total_bytes(slots, max_len)``),
-including one sentinel attention row that padded rows of a batched step write into.
+including one sentinel row (attention, conv and recurrent) that padded rows of a batched step use.
 """
 from __future__ import annotations
 
@@ -39,14 +39,13 @@ class MemoryPlan:
 
     def total_bytes(self, sequences: int, max_len: int) -> int:
         """Bytes of a cache for ``sequences`` slots of ``max_len`` tokens (plus the sentinel row)."""
-        return sequences * self.bytes_per_sequence(max_len) + self.attention_bytes_per_sequence(max_len)
+        return (sequences + 1) * self.bytes_per_sequence(max_len)
 
     def max_sequences(self, budget_bytes: int, max_len: int) -> int:
         """The most sequences of up to ``max_len`` tokens whose cache fits in ``budget_bytes``."""
         if max_len <= 0:
             raise ValueError(f"max_len must be positive, got {max_len}")
-        free = budget_bytes - self.attention_bytes_per_sequence(max_len)
-        return max(0, free // self.bytes_per_sequence(max_len))
+        return max(0, budget_bytes // self.bytes_per_sequence(max_len) - 1)
 
     def table(self, max_len: int) -> str:
         mib = 2 ** 20
