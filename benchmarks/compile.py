@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--timeout", type=float, default=1500, help="seconds per mode")
+    parser.add_argument("--warm-caches", action="store_true", help="let inductor reuse kernels it cached on disk")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--partial", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -179,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                "--compile-lengths", ",".join(map(str, args.compile_lengths)), "--reps", str(args.reps)]
         print(f"[{time.strftime('%H:%M:%S')}] {mode} ...", flush=True)
         try:
-            subprocess.run(cmd, timeout=args.timeout, check=True, env=os.environ.copy(),
+            # Cold compiles for every mode: inductor's on-disk caches would otherwise serve a
+            # mode the kernels an earlier run compiled.
+            env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0" if args.warm_caches else "1"}
+            subprocess.run(cmd, timeout=args.timeout, check=True, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             error = None
         except subprocess.TimeoutExpired:

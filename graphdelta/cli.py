@@ -51,6 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             target, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             stream=lambda _, token: print(tokenizer.decode([token]), end="", flush=True),
+            compile_steps=not args.no_compile and torch.device(device).type == "cpu",  # CUDA: graphs
         )
     print()
     return 0
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--state-layout", choices=("auto", "kv", "vk"), default="auto",
                      help="recurrent-state layout; auto measures on this device")
     gen.add_argument("--no-compile", action="store_true", help="run the model as loaded (graphdelta's "
-                     "runtime and ops, without graphdelta.compile)")
+                     "runtime and ops, without graphdelta.compile or compiled decode steps)")
     gen.set_defaults(fn=cmd_generate)
 
     exp = sub.add_parser("explain", help="compile a model and report, per layer, what was fused")

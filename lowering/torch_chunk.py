@@ -11,7 +11,7 @@ chunk start (notation of the DeltaNet / Gated DeltaNet papers)::
     S' = exp(G_last) S + (k exp(G_last - G))^T U
 
 Every quantity except the scan over chunks is computed for all chunks at once; every exponent
-is a difference inside a chunk with the non-causal entries masked to -inf before the exp.
+is a difference inside a chunk, with the non-causal entries masked before the exp.
 """
 from __future__ import annotations
 
@@ -31,6 +31,20 @@ def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
+def decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(x)`` for log-decays ``x <= 0``; with ``mask``, exactly 0 where it is False.
+
+    The exponent is floored where the result would be subnormal (below exp(-80) = 1.8e-35 in
+    float32): x86 computes those an order of magnitude slower, steep gates push most of a chunk
+    there (Qwen3-Next prefill: 2.8x slower decay matrices), and no sum of O(1) terms can see
+    them. Masked entries go through exp(0) and are zeroed after: exp(-inf) is a slow path too.
+    """
+    floor = -700.0 if x.dtype == torch.float64 else -80.0
+    if mask is None:
+        return x.clamp_min(floor).exp()
+    return torch.where(mask, x.clamp_min(floor), 0.0).exp_().mul_(mask)
+
+
 def decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, strict: bool) -> torch.Tensor:
     """``M[i, j] = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j < i`` (strict) or ``j <= i``, else 0.
 
@@ -40,8 +54,7 @@ def decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, strict: bool
     mask = _causal_mask(a.shape[-2], strict, a.device)
     if G.dim() == a.dim():
         return _decayed_gram_per_channel(a, b, G, mask)
-    decay = torch.where(mask, G.unsqueeze(-1) - G.unsqueeze(-2), float("-inf")).exp()
-    return (a @ b.transpose(-1, -2)) * decay
+    return decay(G.unsqueeze(-1) - G.unsqueeze(-2), mask).mul_(a @ b.transpose(-1, -2))
 
 
 def _decayed_gram_per_channel(a, b, G, mask) -> torch.Tensor:
@@ -56,16 +69,15 @@ def _decayed_gram_per_channel(a, b, G, mask) -> torch.Tensor:
     a, b, G = (x.expand(*lead, C, K) for x in (a, b, G))
     Gblk = G.unflatten(-2, (nb, bs))  # [..., nb, bs, K]
     Gref = Gblk[..., 0, :]  # [..., nb, K]: first row of each block
-    a_scaled = a.unflatten(-2, (nb, bs)) * (Gblk - Gref.unsqueeze(-2)).exp()
+    a_scaled = a.unflatten(-2, (nb, bs)) * decay(Gblk - Gref.unsqueeze(-2))
     before_ref = torch.arange(C, device=G.device)[None, :] < (torch.arange(nb, device=G.device) * bs)[:, None]
     expo = Gref.unsqueeze(-2) - G.unsqueeze(-3)  # [..., nb, C, K]
-    b_scaled = b.unsqueeze(-3) * torch.where(before_ref[..., None], expo, float("-inf")).exp()
+    b_scaled = b.unsqueeze(-3) * decay(expo, before_ref[..., None])
     M = (a_scaled @ b_scaled.transpose(-1, -2)).flatten(-3, -2)  # [..., C, C]
 
     ablk, bblk = a.unflatten(-2, (nb, bs)), b.unflatten(-2, (nb, bs))
     diff = Gblk.unsqueeze(-2) - Gblk.unsqueeze(-3)  # [..., nb, bs, bs, K]
-    decay = torch.where(mask[:bs, :bs, None], diff, float("-inf")).exp()
-    diag = (ablk.unsqueeze(-2) * bblk.unsqueeze(-3) * decay).sum(-1)  # [..., nb, bs, bs]
+    diag = (ablk.unsqueeze(-2) * bblk.unsqueeze(-3) * decay(diff, mask[:bs, :bs, None])).sum(-1)  # [..., nb, bs, bs]
     M = M.unflatten(-2, (nb, bs)).unflatten(-1, (nb, bs)).clone()  # [..., nb, bs, nb, bs]
     torch.diagonal(M, dim1=-4, dim2=-2).add_(diag.movedim(-3, -1))
     return M.flatten(-4, -3).flatten(-2, -1)
@@ -147,7 +159,7 @@ def chunk_gated_delta_rule(
     vc, bc, gc = chunk_major(v, H, Gs), chunk_major(beta, H, Gs), chunk_major(g, H, Gs)
     G = gc.cumsum(dim=4)  # restarts at every chunk
     G_last = G[:, :, :, :, -1]  # [NC, N, H, Gs] or [NC, N, H, Gs, K]
-    expG = (G if per_channel else G.unsqueeze(-1)).exp()
+    expG = decay(G if per_channel else G.unsqueeze(-1))
 
     A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
     P = decayed_gram(qc, kc, G, strict=False)
@@ -159,8 +171,8 @@ def chunk_gated_delta_rule(
     w = A_inv @ (kc * bc.unsqueeze(-1) * expG)
     qg = qc * expG
     tail = (G_last.unsqueeze(-2) - G) if per_channel else (G_last.unsqueeze(-1) - G).unsqueeze(-1)
-    kd = kc * tail.exp()
-    state_decay = G_last.exp().unsqueeze(-1) if per_channel else G_last.exp()[..., None, None]
+    kd = kc * decay(tail)
+    state_decay = decay(G_last).unsqueeze(-1) if per_channel else decay(G_last)[..., None, None]
 
     # The scan over chunks, on flat batches of N * H * Gs (sequence, head) pairs; every step is
     # three batched matmuls accumulated in place.

@@ -54,20 +54,22 @@ def _eos_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
 
 
-def runner_for(model: Any, max_seqs: int, max_len: int) -> Runner:
+def runner_for(model: Any, max_seqs: int, max_len: int, compile_steps: bool = False) -> Runner:
     """The runner ``generate`` uses for ``model``: kept between calls (its cache is allocated and
-    its CUDA graphs captured once) and replaced by a larger one only when a call needs more
-    slots, a longer cache, or the other state layout a compiled model chose."""
+    its CUDA graphs captured or steps compiled once) and replaced by a larger one only when a
+    call needs more slots, a longer cache, compiled steps, or the other state layout a
+    compiled model chose."""
     inner = unwrap(model)
     layout = compiled_state_layout(model)
     runner = _runners.get(inner)
     if runner is not None:
         if (runner.cache.config.max_seqs >= max_seqs and runner.cache.max_len >= max_len
-                and layout in (None, runner.cache.state_layout)):
+                and layout in (None, runner.cache.state_layout) and runner.compile_steps >= compile_steps):
             return runner
         max_seqs = max(max_seqs, runner.cache.config.max_seqs)
         max_len = max(max_len, runner.cache.max_len)
-    runner = _runners[inner] = Runner(model, max_seqs=max_seqs, max_len=max_len)
+        compile_steps = compile_steps or runner.compile_steps
+    runner = _runners[inner] = Runner(model, max_seqs=max_seqs, max_len=max_len, compile_steps=compile_steps)
     return runner
 
 
@@ -84,6 +86,7 @@ def generate(
     max_len: int | None = None,
     seed: int | None = None,
     runner: Runner | None = None,
+    compile_steps: bool = False,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -99,6 +102,9 @@ def generate(
         max_len: cache length per sequence; defaults to the longest prompt + max_new_tokens.
         seed: seeds the sampler.
         runner: run on this ``Runner`` (and its cache) instead of the shared one.
+        compile_steps: compile each batch-size bucket's decode step with inductor on first use
+            (seconds per bucket; on CPU a tiny model's step then runs ~6x faster than
+            transformers eager, benchmarks/decode.py). On CUDA the steps are CUDA graphs anyway.
 
     Returns:
         The new tokens of each prompt, in prompt order (ending with the EOS token if one came).
@@ -111,7 +117,7 @@ def generate(
         return outputs
     longest = max(len(p) for p in prompts) + max_new_tokens
     if runner is None:
-        runner = runner_for(model, max_seqs=max_batch, max_len=max(max_len or 0, longest))
+        runner = runner_for(model, max_seqs=max_batch, max_len=max(max_len or 0, longest), compile_steps=compile_steps)
     if longest > runner.cache.max_len:
         raise ValueError(f"a prompt of {longest - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                          f"the cache's max_len={runner.cache.max_len}")
