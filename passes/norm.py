@@ -93,17 +93,19 @@ def _structure(gm: torch.fx.GraphModule, D: int) -> tuple[list[str], float] | st
     gates = targets & {aten.sigmoid.default, aten.silu.default}
     if not roots or not reductions or not gates:
         return None
-    eps = None
+    eps, root_name = None, ""
     for root in roots:
         src = root.args[0]
         if src.op == "call_function" and src.target in (aten.add.Tensor, aten.add.Scalar):
             scalars = [a for a in src.args if isinstance(a, (int, float))]
             if scalars:
                 eps = float(scalars[0])
+                root_name = root.target.__name__.split(".")[0] + ("" if root.target != aten.pow.Tensor_Scalar
+                                                                  else f" {root.args[1]:g}")
     if eps is None or not eps > 0:
-        return "rsqrt of a last-dim mean square found, but no positive scalar eps added before it"
+        return "root of a last-dim mean square found, but no positive scalar eps added before it"
     gate_op = "silu" if aten.silu.default in gates else "sigmoid"
-    evidence = [f"mean square over the last dim (D={D}), rsqrt, eps={eps:g}", f"{gate_op} on the gate"]
+    evidence = [f"mean square over the last dim (D={D}), {root_name}, eps={eps:g}", f"{gate_op} on the gate"]
     return evidence, eps
 
 
