@@ -217,12 +217,11 @@ class LinearAttention(nn.Module):
             # Padded rows use the sentinel row, so the PyTorch path needs no mask or branch and
             # a compiled step (inductor) fuses the conv and the recurrence with their neighbours.
             rows = torch.where(batch.slots >= 0, batch.slots, self.cache.sentinel)
-            if batch.keep_intermediate:
-                conv_before = conv_pool.index_select(0, rows)
+            if plain or batch.keep_intermediate:
+                conv_before = conv_pool.index_select(0, rows)  # a copy: the pool is updated below
                 conv_inputs = mixed
             if plain:
-                mixed, new_conv = torch_conv.conv_update_rows(
-                    mixed, conv_pool.index_select(0, rows), weight, bias, self.activation)
+                mixed, new_conv = torch_conv.conv_update_rows(mixed, conv_before, weight, bias, self.activation)
                 conv_pool.index_copy_(0, rows, new_conv)
             elif self._checked(mixed):
                 mixed = torch.ops.graphdelta.causal_conv1d_update(
