@@ -13,6 +13,8 @@ Pipeline (the stages live in ``graphdelta.passes``, in the order of ``passes.PAS
    so each region is one op node and the chunk count is no longer a guard: one graph serves
    every prompt length; hand the graph to the backend (inductor by default, which on CPU
    receives the gated RMSNorm's decomposition so that it fuses it with its neighbours).
+   While tracing, transformers' masking code keeps SDPA's causal path where eager would
+   (``passes.causal_mask``).
 
 Whatever is not recognized, or not confirmed numerically, runs as written, with a warning
 naming the layer. ``graphdelta.explain(compiled)`` reports what happened.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import time
 import warnings
 from typing import Any, Callable
@@ -30,6 +33,7 @@ from torch import nn
 
 from graphdelta import passes
 from graphdelta.passes import discover
+from graphdelta.passes.causal_mask import causal_sdpa
 from graphdelta.passes.plan import Plan
 
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -48,6 +52,7 @@ class GraphRecord:
     leftovers: dict[str, int]  # ops that a full fusion removes (solve_triangular, cumsum)
     matmuls: int
     inputs: list[str]
+    attention: dict[str, int] = dataclasses.field(default_factory=dict)  # SDPA calls: "unmasked" / "masked"
     seconds: float = 0.0
 
 
@@ -77,6 +82,7 @@ class GraphLog:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         ops: collections.Counter[str] = collections.Counter()
         leftovers: collections.Counter[str] = collections.Counter()
+        attention: collections.Counter[str] = collections.Counter()
         matmuls = 0
         for node in gm.graph.nodes:
             if node.op != "call_function":
@@ -89,11 +95,14 @@ class GraphLog:
                 leftovers[name] += 1
             if name in ("matmul", "bmm", "mm", "einsum", "__matmul__"):
                 matmuls += 1
+            if name == "scaled_dot_product_attention":
+                masked = len(node.args) > 3 and node.args[3] is not None or node.kwargs.get("attn_mask") is not None
+                attention["masked" if masked else "unmasked"] += 1
         inputs = [
             str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs[:6]
         ]
         record = GraphRecord(len(self.graphs), self._reason(), len(gm.graph.nodes), dict(ops),
-                             dict(leftovers), matmuls, inputs)
+                             dict(leftovers), matmuls, inputs, dict(attention))
         self.graphs.append(record)
         start = time.perf_counter()
         try:
@@ -154,12 +163,18 @@ class CompiledModel(nn.Module):
         forwards.update({lp.layer.module: lp.module_forward for lp in plan.layers if lp.module_forward})
         self.patch = discover.LayerPatch(forwards)
         self._compiled = torch.compile(model, backend=backend, dynamic=dynamic, **compile_kwargs)
+        self._signature = inspect.signature(model.forward)
 
     def forward(self, *args, **kwargs):
         # Prefill, cached prefill and decode are separate graphs of the same code objects, and
         # several compiled models share transformers' code: Dynamo's default recompile limit (8
         # per code object) would silently send later graphs to eager.
-        with self.patch.applied(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        try:
+            own_positions = self._signature.bind_partial(*args, **kwargs).arguments.get("position_ids") is None
+        except TypeError:  # let the model's own call raise it
+            own_positions = False
+        with self.patch.applied(), causal_sdpa(own_positions), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self._compiled(*args, **kwargs)
 
     @property

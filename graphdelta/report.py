@@ -38,9 +38,10 @@ def explain(compiled: CompiledModel) -> str:
     for g in graphs:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(g.graphdelta_ops.items())) or "no graphdelta ops"
         left = ", ".join(f"{k} x{v}" for k, v in g.leftovers.items()) or "none"
+        attention = ", ".join(f"{v} {k}" for k, v in sorted(g.attention.items())) or "none"
         lines.append(
             f"  graph {g.index}: {g.nodes} nodes, {ops}; left over: {left}; {g.matmuls} matmuls; "
-            f"backend {g.seconds:.1f} s"
+            f"attention: {attention}; backend {g.seconds:.1f} s"
         )
         lines.append(f"      compiled because: {g.reason}")
     return "\n".join(lines)

@@ -53,6 +53,22 @@ def causal_conv1d(
     return y.to(x.dtype), final.to(out_state_dtype)
 
 
+def causal_conv1d_dense(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``causal_conv1d`` without packing, in traceable form (inductor's CPU decomposition):
+    ``x`` ``[B, T, D]`` -> ``y`` ``[B, T, D]`` and the final state ``[B, D, S]``. A prompt
+    is the update of its initial state (zeros when None) by T tokens."""
+    if initial_state is None:
+        B, _, D = x.shape
+        initial_state = x.new_zeros(B, D, weight.shape[1] - 1, dtype=compute_dtype(x.dtype))
+    return conv_update_rows(x, initial_state, weight, bias, activation)
+
+
 def causal_conv1d_update(
     x: torch.Tensor,
     conv_state: torch.Tensor,

@@ -85,6 +85,8 @@ def test_graph_holds_graphdelta_ops(family):
     for g in decode:
         assert g.graphdelta_ops["causal_conv1d_update"] == n_linear
     for g in graphs:
+        # the full-attention layer runs SDPA without a materialized mask, as in eager
+        assert g.attention == {"unmasked": 1}, (name, g.attention)
         assert g.graphdelta_ops["gated_rms_norm"] == n_linear
         assert not g.leftovers, (name, g.leftovers)  # no solve_triangular
         assert g.matmuls == 0, (name, g.matmuls)  # no per-chunk matmul chain
@@ -106,6 +108,23 @@ def test_one_prefill_graph_for_all_lengths(family):
     assert new == [], [g.reason for g in new]
     ids = models.tokens(ONE_GRAPH_LENGTHS[-1])
     assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < RTOL
+
+
+@torch.no_grad()
+def test_packed_position_ids_keep_their_mask(family):
+    """Positions that restart mid-row mark packed sequences: SDPA must get transformers' mask."""
+    name, model, compiled = family
+    if name != "qwen3_5":
+        pytest.skip("one family is enough: the masking code is transformers' own")
+    ids = models.tokens(60)
+    positions = torch.cat([torch.arange(30), torch.arange(30)])[None]
+    ref = model(ids, position_ids=positions, use_cache=False).logits
+    before = len(compiled.graph_log.graphs)
+    out = compiled(ids, position_ids=positions, use_cache=False).logits
+    assert rel_err(out, ref) < RTOL
+    assert [g.attention for g in compiled.graph_log.graphs[before:]] == [{"masked": 1}]
+    # the packed mask matters: without it the second half would attend to the first
+    assert rel_err(model(ids, use_cache=False).logits, ref) > 1e-2
 
 
 @torch.no_grad()
@@ -151,22 +170,28 @@ def test_report_command_line(tmp_path, capsys):
 
 
 @torch.no_grad()
-def test_inductor_matches_eager_and_inlines_the_norm(monkeypatch):
+def test_inductor_matches_eager_and_inlines_the_norm_and_conv(monkeypatch):
     """The default backend end to end, one prefill graph: eager's logits, and on CPU the gated
-    RMSNorm decomposed into inductor's own kernels (its op body never runs)."""
-    from graphdelta.lowering import torch_norm
+    RMSNorm and the causal conv1d decomposed into inductor's own kernels (their op bodies never
+    run)."""
+    from graphdelta.lowering import torch_conv, torch_norm
 
     model = models.build("qwen3_5")
     compiled = graphdelta.compile(model, state_layout="kv")
     real_calls = []
-    original = torch_norm.gated_rms_norm
 
-    def counted(x, *args):
-        if type(x) is torch.Tensor:  # not a fake or functional tensor of a trace
-            real_calls.append(x.shape)
-        return original(x, *args)
+    def counting(module, name):
+        original = getattr(module, name)
 
-    monkeypatch.setattr(torch_norm, "gated_rms_norm", counted)
+        def counted(x, *args):
+            if type(x) is torch.Tensor:  # not a fake or functional tensor of a trace
+                real_calls.append((name, x.shape))
+            return original(x, *args)
+
+        monkeypatch.setattr(module, name, counted)
+
+    counting(torch_norm, "gated_rms_norm")
+    counting(torch_conv, "causal_conv1d")
     ids = models.tokens(100)
     out = compiled(ids, use_cache=False).logits
     assert rel_err(out, model(ids, use_cache=False).logits) < RTOL

@@ -152,6 +152,14 @@ def test_conv_matches_reference(T, D, W, extra, with_state, bias, varlen, activa
     ry, rs = reference.causal_conv1d(x.double(), w.double(), None if b is None else b.double(),
                                      None if s0 is None else s0.double(), cu, activation)
     assert relative_error(y, ry) < TOLERANCES[dt] and relative_error(s, rs) < 1e-6
+    # what inductor compiles in the op's place on CPU: the same numbers, or a refusal when packed
+    decomposed = gd.ops.inductor_decompositions()[torch.ops.graphdelta.causal_conv1d.default]
+    out = decomposed(x, w, b, s0, cu, activation)
+    if varlen:
+        assert out is NotImplemented
+    else:
+        assert out[0].dtype == y.dtype and out[1].dtype == s.dtype
+        assert relative_error(out[0], ry) < TOLERANCES[dt] and relative_error(out[1], rs) < 1e-6
 
 
 @pytest.mark.parametrize("tokens_per_step", [1, 3])
