@@ -107,14 +107,15 @@ def _decayed_gram_per_channel(a, b, G, mask) -> torch.Tensor:
     return M.flatten(-4, -3).flatten(-2, -1)
 
 
-def unit_lower_solve(A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``(I + A)^-1 R`` for the strictly lower triangle of ``A`` ``[..., C, C]`` (C a multiple of
-    16 or <= 16) and ``R`` ``[..., C, M]``; the diagonal and upper triangle of ``A`` are never read.
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^-1`` for the strictly lower triangle of ``A`` ``[..., C, C]`` (C a multiple of
+    16 or <= 16); the diagonal and upper triangle of ``A`` are never read.
 
-    Block forward substitution over 16-row sub-chunks. The inverse of each 16x16 diagonal block
-    comes from a right-looking elimination vectorized over every block of every chunk: 15 fused
-    multiply-adds, a third of the time of row-by-row substitution on CPU, and no inverse of the
-    whole chunk is ever formed.
+    The 16x16 diagonal blocks are inverted by a right-looking elimination vectorized over every
+    block of every chunk (15 fused multiply-adds: a third of the time of row-by-row
+    substitution on CPU), then the block rows are merged:
+    ``T_ij = -T_ii sum_{j <= l < i} A_il T_lj``. The caller multiplies by the full inverse:
+    two wide batched matmuls run several times faster than a block substitution's 16-row ones.
     """
     C = A.shape[-1]
     bs = min(SUBCHUNK, C)
@@ -126,14 +127,15 @@ def unit_lower_solve(A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         # Column j of L is untouched by the eliminations before it, and row j of the inverse
         # is final and zero right of j.
         inv[..., j + 1:, : j + 1].addcmul_(L[..., j + 1:, j : j + 1], inv[..., j : j + 1, : j + 1], value=-1)
-    Y = torch.empty(torch.broadcast_shapes(A.shape[:-2], R.shape[:-2]) + R.shape[-2:], dtype=R.dtype, device=R.device)
-    for i in range(nb):
+    if nb == 1:
+        return inv.squeeze(-3)
+    T = A.new_zeros(A.shape)
+    T[..., :bs, :bs] = inv[..., 0, :, :]
+    for i in range(1, nb):
         rows = slice(i * bs, (i + 1) * bs)
-        r = R[..., rows, :]
-        if i:
-            r = r - A[..., rows, : i * bs] @ Y[..., : i * bs, :]
-        Y[..., rows, :] = inv[..., i, :, :] @ r
-    return Y
+        T[..., rows, rows] = inv[..., i, :, :]
+        T[..., rows, : i * bs] = -inv[..., i, :, :] @ (A[..., rows, : i * bs] @ T[..., : i * bs, : i * bs])
+    return T
 
 
 def chunk_gated_delta_rule(
@@ -191,16 +193,17 @@ def chunk_gated_delta_rule(
     if per_channel:
         A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
         P = decayed_gram(qc, kc, G, strict=False)
-    else:  # one decay matrix for both; A's diagonal is never read (unit_lower_solve)
+    else:  # one decay matrix for both; A's diagonal is never read (unit_lower_inverse)
         D = causal_decay(G)
         A = (kc @ kc.transpose(-1, -2)).mul(D).mul_(bc.unsqueeze(-1))
         P = D.mul_(qc @ kc.transpose(-1, -2))
-    # (I + A)^-1 [beta v | beta k exp(G)] in one block substitution: torch's batched triangular
-    # solve loops over the 64x64 systems one at a time (it took over half of the op's time on
-    # CPU, benchmarks/ops_cpu.py).
+    # The inverse of I + A, then two batched matmuls: torch's batched triangular solve loops
+    # over the 64x64 systems one at a time (it took over half of the op's time on CPU,
+    # benchmarks/ops_cpu.py).
+    A_inv = unit_lower_inverse(A)
     b = bc.unsqueeze(-1)
-    uw = unit_lower_solve(A, torch.cat([vc * b, kc * b * expG], dim=-1))
-    u, w = uw[..., :V], uw[..., V:]
+    u = A_inv @ (vc * b)
+    w = A_inv @ (kc * b * expG)
     qg = qc * expG
     tail = (G_last.unsqueeze(-2) - G) if per_channel else (G_last.unsqueeze(-1) - G).unsqueeze(-1)
     kd = kc * decay(tail)
