@@ -2,7 +2,7 @@
 
     graphdelta generate --prompt "def " --max-new-tokens 64     # the embedded model, streamed
     graphdelta explain [MODEL_DIR]                              # what compile fused, per layer
-    graphdelta bench ops|kernels|compile|decode|all             # benchmark scripts (from a clone)
+    graphdelta bench ops|kernels|compile|prefill|decode|all  # benchmark scripts (from a clone)
     graphdelta fuzz --impl chunk --examples 200                 # kernels against the reference
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("ops_cpu", "kernels", "compile", "decode")
+BENCHMARKS = ("ops_cpu", "kernels", "compile", "prefill", "decode")
 
 
 def _device(name: str) -> str:
@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(fn=cmd_explain)
 
     bench = sub.add_parser("bench", help="run benchmark scripts (JSON, Markdown, PNG in benchmarks/results)")
-    bench.add_argument("which", choices=("ops", "kernels", "compile", "decode", "all"),
+    bench.add_argument("which", choices=("ops", "kernels", "compile", "prefill", "decode", "all"),
                        help="ops: CPU chunk op vs transformers; kernels: prefill/decode vs roofline; "
-                            "compile: compile time and prefill; decode: generation steps")
+                            "compile: compile time and prefill; prefill: eager and graphdelta taking "
+                            "turns; decode: generation steps")
     bench.add_argument("--gpu", action="store_true", help="require a GPU (kernels at full size)")
     bench.set_defaults(fn=cmd_bench)
 
