@@ -96,7 +96,7 @@ class GraphLog:
             if name in ("matmul", "bmm", "mm", "einsum", "__matmul__"):
                 matmuls += 1
             if name == "scaled_dot_product_attention":
-                masked = len(node.args) > 3 and node.args[3] is not None or node.kwargs.get("attn_mask") is not None
+                masked = (len(node.args) > 3 and node.args[3] is not None) or node.kwargs.get("attn_mask") is not None
                 attention["masked" if masked else "unmasked"] += 1
         inputs = [
             str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs[:6]

@@ -45,18 +45,9 @@ def decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     return torch.where(mask, x.clamp_min(floor), 0.0).exp_().mul_(mask)
 
 
-def decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, strict: bool) -> torch.Tensor:
-    """``M[i, j] = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j < i`` (strict) or ``j <= i``, else 0.
-
-    a, b: ``[..., C, K]`` (broadcastable); G: ``[..., C]`` (scalar gate) or ``[..., C, K]``
-    (per-channel gate), non-increasing along C. Returns ``[..., C, C]``.
-    """
-    if G.dim() == a.dim():
-        return _decayed_gram_per_channel(a, b, G, _causal_mask(a.shape[-2], strict, a.device))
-    D = causal_decay(G)
-    if strict:
-        D.diagonal(dim1=-2, dim2=-1).zero_()
-    return D.mul_(a @ b.transpose(-1, -2))
+def _before_sub_chunk(C: int, bs: int, device) -> torch.Tensor:
+    """``[C // bs, C]``: True where column j lies before the first row of sub-chunk r."""
+    return torch.arange(C, device=device)[None, :] < (torch.arange(C // bs, device=device) * bs)[:, None]
 
 
 def causal_decay(G: torch.Tensor) -> torch.Tensor:
@@ -72,7 +63,7 @@ def causal_decay(G: torch.Tensor) -> torch.Tensor:
     nb = C // bs
     Gb = G.unflatten(-1, (nb, bs))  # [..., nb, bs]
     Gref = Gb[..., :1]  # [..., nb, 1]
-    before_ref = torch.arange(C, device=G.device)[None, :] < (torch.arange(nb, device=G.device) * bs)[:, None]
+    before_ref = _before_sub_chunk(C, bs, G.device)  # [nb, C]
     cols = decay(Gref - G.unsqueeze(-2), before_ref)  # [..., nb, C]: exp(G_r - G_j), j < r
     D = decay(Gb - Gref).unsqueeze(-1) * cols.unsqueeze(-2)  # [..., nb, bs, C]
     diag = decay(Gb.unsqueeze(-1) - Gb.unsqueeze(-2), _causal_mask(bs, False, G.device))  # [..., nb, bs, bs]
@@ -81,7 +72,14 @@ def causal_decay(G: torch.Tensor) -> torch.Tensor:
     return D.flatten(-3, -2)
 
 
-def _decayed_gram_per_channel(a, b, G, mask) -> torch.Tensor:
+def decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, strict: bool) -> torch.Tensor:
+    """``M[i, j] = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j < i`` (strict) or ``j <= i``, else 0,
+    for a per-channel gate (a scalar gate factors out: ``causal_decay`` times ``a @ b^T``).
+
+    a, b: ``[..., C, K]`` (broadcastable); G: ``[..., C, K]``, non-increasing along C.
+    Returns ``[..., C, C]``.
+    """
+    mask = _causal_mask(a.shape[-2], strict, a.device)
     # A per-channel decay cannot be pulled out of the dot product, and the full [C, C, K]
     # tensor is too large. Blocks below the diagonal of 16x16 sub-chunks go through a
     # reference row r between j and i: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), two
@@ -94,7 +92,7 @@ def _decayed_gram_per_channel(a, b, G, mask) -> torch.Tensor:
     Gblk = G.unflatten(-2, (nb, bs))  # [..., nb, bs, K]
     Gref = Gblk[..., 0, :]  # [..., nb, K]: first row of each block
     a_scaled = a.unflatten(-2, (nb, bs)) * decay(Gblk - Gref.unsqueeze(-2))
-    before_ref = torch.arange(C, device=G.device)[None, :] < (torch.arange(nb, device=G.device) * bs)[:, None]
+    before_ref = _before_sub_chunk(C, bs, G.device)  # [nb, C]
     expo = Gref.unsqueeze(-2) - G.unsqueeze(-3)  # [..., nb, C, K]
     b_scaled = b.unsqueeze(-3) * decay(expo, before_ref[..., None])
     M = (a_scaled @ b_scaled.transpose(-1, -2)).flatten(-3, -2)  # [..., C, C]
