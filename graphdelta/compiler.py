@@ -34,6 +34,7 @@ from torch import nn
 from graphdelta import passes
 from graphdelta.passes import discover
 from graphdelta.passes.causal_mask import causal_sdpa
+from graphdelta.passes.norm_gate import unflatten_norm_gates
 from graphdelta.passes.plan import Plan
 
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -54,6 +55,7 @@ class GraphRecord:
     inputs: list[str]
     attention: dict[str, int] = dataclasses.field(default_factory=dict)  # SDPA calls: "unmasked" / "masked"
     seconds: float = 0.0
+    norm_gates: int = 0  # gated norms given their gate unflattened (passes/norm_gate.py)
 
 
 class GraphLog:
@@ -105,6 +107,7 @@ class GraphLog:
                              dict(leftovers), matmuls, inputs, dict(attention))
         self.graphs.append(record)
         start = time.perf_counter()
+        record.norm_gates = unflatten_norm_gates(gm)
         try:
             if self.inner == "inductor":
                 from torch._inductor.compile_fx import compile_fx

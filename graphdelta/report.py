@@ -41,7 +41,7 @@ def explain(compiled: CompiledModel) -> str:
         attention = ", ".join(f"{v} {k}" for k, v in sorted(g.attention.items())) or "none"
         lines.append(
             f"  graph {g.index}: {g.nodes} nodes, {ops}; left over: {left}; {g.matmuls} matmuls; "
-            f"attention: {attention}; backend {g.seconds:.1f} s"
+            f"attention: {attention}; norm gates kept unflattened: {g.norm_gates}; backend {g.seconds:.1f} s"
         )
         lines.append(f"      compiled because: {g.reason}")
     return "\n".join(lines)

@@ -87,6 +87,7 @@ def test_graph_holds_graphdelta_ops(family):
     for g in graphs:
         # the full-attention layer runs SDPA without a materialized mask, as in eager
         assert g.attention == {"unmasked": 1}, (name, g.attention)
+        assert g.norm_gates == n_linear, (name, g.norm_gates)  # the gate keeps its shape (passes/norm_gate.py)
         assert g.graphdelta_ops["gated_rms_norm"] == n_linear
         assert not g.leftovers, (name, g.leftovers)  # no solve_triangular
         assert g.matmuls == 0, (name, g.matmuls)  # no per-chunk matmul chain
