@@ -19,7 +19,7 @@ import torch
 
 from graphdelta import reference
 from .discover import Binder, Call, Callee
-from .gated_delta import _close, as_kwargs, reads_var_keyword, trace, variant_key
+from .gated_delta import _close, as_kwargs, reads_var_keyword, trace, variant_key, wrapped_chain
 
 aten = torch.ops.aten
 CONFIRM_LENGTHS = {"conv": (1, 5, 40), "conv_update": (1, 2)}
@@ -118,29 +118,37 @@ def recognize(callee: Callee) -> RecognizedConv | str:
     kind = "conv_update" if roles.state else "conv"
     template = callee.calls[0]
     D, W = template.bound[roles.weight].shape
-    try:
-        gm = trace(callee.fn, _random(template, roles, 6))
-    except Exception as e:  # noqa: BLE001
-        return f"not traceable with make_fx: {type(e).__name__}: {e}"
-    convs = [
-        n for n in gm.graph.nodes
-        if n.op == "call_function" and n.target == aten.convolution.default and n.args[-1] == D
-    ]
-    if not convs:
-        return f"no depthwise convolution (groups={D}) in the traced graph"
-    evidence = [f"depthwise conv1d (groups={D}, {W} taps)"]
-    if roles.state:
-        evidence.append(f"conv state '{roles.state}' updated in place")
     reads_extras = reads_var_keyword(callee.fn)
-    variants = {}
-    for call in callee.calls:
-        key = variant_key(call.bound, roles.tensors(), reads_extras)
-        if key not in variants:
-            got = _confirm(callee.fn, call, roles, kind)
-            if isinstance(got, str):
-                return f"{kind} structure found but {got}"
-            variants[key] = got[1]
-    return RecognizedConv(callee.name, kind, roles, evidence, variants)
+    reasons = []
+    # The function itself first; then what it wraps (a kernel dispatcher around a torch path).
+    for target in wrapped_chain(callee.fn):
+        try:
+            gm = trace(target, _random(template, roles, 6))
+        except Exception as e:  # noqa: BLE001
+            reasons.append(f"not traceable with make_fx: {type(e).__name__}: {e}")
+            continue
+        convs = [
+            n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target == aten.convolution.default and n.args[-1] == D
+        ]
+        if not convs:
+            reasons.append(f"no depthwise convolution (groups={D}) in the traced graph")
+            continue
+        evidence = [f"depthwise conv1d (groups={D}, {W} taps)"]
+        if roles.state:
+            evidence.append(f"conv state '{roles.state}' updated in place")
+        if target is not callee.fn:
+            evidence.append("found behind a kernel dispatcher (__wrapped__)")
+        variants = {}
+        for call in callee.calls:
+            key = variant_key(call.bound, roles.tensors(), reads_extras)
+            if key not in variants:
+                got = _confirm(target, call, roles, kind)
+                if isinstance(got, str):
+                    return f"{kind} structure found but {got}"
+                variants[key] = got[1]
+        return RecognizedConv(callee.name, kind, roles, evidence, variants)
+    return reasons[0]
 
 
 def replacement(rec: RecognizedConv, original: Callable, binder: Binder) -> Callable:

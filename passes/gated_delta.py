@@ -158,10 +158,19 @@ def variant_key(bound: dict[str, Any], skip: tuple[str, ...], reads_extras: bool
     return tuple(key)
 
 
+def wrapped_chain(fn: Callable) -> list[Callable]:
+    """``fn``, then what it wraps (``__wrapped__``), and so on: a kernel dispatcher such as
+    transformers' hub-kernel wrapper calls fla or causal-conv1d when installed, and keeps the
+    PyTorch path it replaces reachable only this way."""
+    chain = [fn]
+    while hasattr(chain[-1], "__wrapped__"):
+        chain.append(chain[-1].__wrapped__)
+    return chain
+
+
 def reads_var_keyword(fn: Callable) -> bool:
     """Whether ``fn`` (unwrapped) reads its ``**kwargs`` at all."""
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
+    fn = wrapped_chain(fn)[-1]
     code = getattr(fn, "__code__", None)
     if code is None or not code.co_flags & inspect.CO_VARKEYWORDS:
         return code is None
@@ -374,12 +383,8 @@ def recognize(callee: Callee) -> Recognized | str:
     template = max(callee.calls, key=lambda c: c.bound[roles.v].shape[1])
 
     # The function itself first; then what it wraps (a kernel dispatcher around a torch path).
-    targets, fn = [callee.fn], callee.fn
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-        targets.append(fn)
     reasons = []
-    for target in targets:
+    for target in wrapped_chain(callee.fn):
         structure = analyze(target, lambda T: random_inputs(template, roles, T))
         if structure.kind is None:
             reasons.append("; ".join(structure.missing))

@@ -10,8 +10,8 @@
 - the short convolution as ``F.conv1d`` on a left-padded input, SiLU applied by the caller;
 - the output norm gated by a sigmoid *before* normalizing, with ``** -0.5`` instead of rsqrt.
 
-``dispatched_chunks`` hides the same function behind an opaque kernel call, as transformers does
-when fla is installed. And two look-alikes that must *not* be replaced: ``leaky_chunks`` returns an intermediate
+``dispatched_chunks`` and ``dispatched_tap_mix`` hide the same functions behind opaque kernel
+calls, as transformers does when fla and causal-conv1d are installed. And two look-alikes that must *not* be replaced: ``leaky_chunks`` returns an intermediate
 (the solved triangular system) that the layer reuses, and ``undecayed_chunks`` ignores the gate;
 the ``loose_norm`` mixer adds its norm's eps after the root instead of before it.
 """
@@ -122,6 +122,20 @@ def kernel_dispatch(reference_fn):
 dispatched_chunks = kernel_dispatch(delta_chunks)
 
 
+def conv_dispatch(reference_fn):
+    """The same for the short convolution (transformers' ``causal_conv1d_fn`` wrapper)."""
+
+    @functools.wraps(reference_fn)
+    def dispatch(seq, taps):
+        y, _ = torch.ops.graphdelta.causal_conv1d(seq.transpose(1, 2), taps, None, None, None, None)
+        return y.transpose(1, 2)
+
+    return dispatch
+
+
+dispatched_tap_mix = conv_dispatch(tap_mix)
+
+
 def delta_tokens(r, w, u, log_a, lr, carry):
     """The same rule one token at a time (decode)."""
     rep = u.shape[2] // r.shape[2]
@@ -176,7 +190,8 @@ class Mixer(nn.Module):
             mixed = torch.cat([window, mixed], dim=2)
         if memory is not None:
             memory["window"] = mixed[:, :, -3:]
-        mixed = F.silu(tap_mix(mixed, self.taps))[:, :, -t:].transpose(1, 2)
+        mix = dispatched_tap_mix if self.kernel == "dispatched" else tap_mix
+        mixed = F.silu(mix(mixed, self.taps))[:, :, -t:].transpose(1, 2)
         r, w, u = mixed.split([self.hk * self.d, self.hk * self.d, self.hv * self.d], dim=-1)
         r = F.normalize(r.reshape(b, t, self.hk, self.d), dim=-1)
         w = F.normalize(w.reshape(b, t, self.hk, self.d), dim=-1)

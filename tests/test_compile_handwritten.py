@@ -82,7 +82,9 @@ def test_kernel_dispatcher_is_seen_through():
     compiled, messages = compile_recording(model)
     assert messages == []
     last = next(lp for lp in compiled.plan.layers if lp.path == "mixers.1")
-    assert {r.callee: r.op for r in last.regions}["dispatched_chunks"] == "graphdelta::chunk_gated_delta_rule"
+    ops = {r.callee: r.op for r in last.regions}
+    assert ops["dispatched_chunks"] == "graphdelta::chunk_gated_delta_rule"
+    assert ops["dispatched_tap_mix"] == "graphdelta::causal_conv1d"
     check_against_eager(model, compiled, lengths=(40,), cached=False)
 
 
