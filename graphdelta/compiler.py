@@ -12,8 +12,10 @@ Pipeline (the stages live in ``graphdelta.passes``, in the order of ``passes.PAS
 4. trace the whole model with Dynamo (``dynamic=True``) while the layers call the drop-ins,
    so each region is one op node and the chunk count is no longer a guard: one graph serves
    every prompt length; hand the graph to the backend (inductor by default, which on CPU
-   receives the gated RMSNorm's decomposition so that it fuses it with its neighbours).
-   While tracing, transformers' masking code keeps SDPA's causal path where eager would
+   receives the decompositions of the gated RMSNorm and of a prompt's conv1d so that it
+   fuses them with their neighbours). Before that, each CPU gated RMSNorm gets its gate in
+   the layout the gate was produced in (``passes.norm_gate``). While tracing,
+   transformers' masking code keeps SDPA's causal path where eager would
    (``passes.causal_mask``).
 
 Whatever is not recognized, or not confirmed numerically, runs as written, with a warning

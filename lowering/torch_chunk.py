@@ -21,6 +21,7 @@ from graphdelta.reference import l2norm, to_kv
 from .varlen import Packing, pad_to_multiple
 
 SUBCHUNK = 16
+SCAN_GROUP = 16  # chunks whose outputs are computed together after the scan (see the scan)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -207,20 +208,35 @@ def chunk_gated_delta_rule(
     kd = kc * decay(tail)
     state_decay = decay(G_last).unsqueeze(-1) if per_channel else decay(G_last)[..., None, None]
 
-    # The scan over chunks, on flat batches of N * H * Gs (sequence, head) pairs; every step is
-    # three batched matmuls accumulated in place.
+    # The scan over chunks, on flat batches of N * H * Gs (sequence, head) pairs. Only the
+    # state recurrence is sequential: per chunk, one batched matmul turns u into the delta-rule
+    # corrections U = u - w S in place, one more gives the next state. The outputs
+    # o = P U + (q exp(G)) S of a group of chunks then come from two wide batched matmuls over
+    # the group's stored chunk-start states: on CPU every op costs ~10 us of dispatch, which at
+    # short prompts outweighs its arithmetic. Groups bound the stored states' memory.
     Bf = N * H * Gs
     u, w, qg, kd, P = (x.reshape(NC, Bf, *x.shape[-2:]) for x in (u, w, qg, kd, P))
     state_decay = state_decay.reshape(NC, Bf, -1, 1)
+    group = min(NC, SCAN_GROUP)
+    states = q.new_empty(group + 1, Bf, K, V)  # states[i]: the state at the start of the group's chunk i
     if initial_state is None:
-        S = q.new_zeros(Bf, K, V)
+        states[0].zero_()
     else:
-        S = to_kv(initial_state, state_layout).to(cdt).reshape(Bf, K, V).clone()
+        states[0].copy_(to_kv(initial_state, state_layout).reshape(Bf, K, V))
     o = q.new_empty(NC, Bf, C, V)
-    for c in range(NC):
-        U = u[c].baddbmm_(w[c], S, alpha=-1)  # u - w S, the delta-rule corrections
-        torch.bmm(P[c], U, out=o[c]).baddbmm_(qg[c], S)  # P U + (q exp(G)) S
-        S.mul_(state_decay[c]).baddbmm_(kd[c].transpose(1, 2), U)
+    U_, w_, kdT_, decay_ = u.unbind(0), w.unbind(0), kd.transpose(-1, -2).unbind(0), state_decay.unbind(0)
+    S_ = states.unbind(0)
+    for start in range(0, NC, group):
+        n = min(group, NC - start)
+        for i, c in enumerate(range(start, start + n)):
+            U_[c].baddbmm_(w_[c], S_[i], alpha=-1)
+            torch.mul(S_[i], decay_[c], out=S_[i + 1]).baddbmm_(kdT_[c], U_[c])
+        chunks = slice(start, start + n)
+        out = o[chunks].flatten(0, 1)
+        torch.bmm(P[chunks].flatten(0, 1), u[chunks].flatten(0, 1), out=out)
+        out.baddbmm_(qg[chunks].flatten(0, 1), states[:n].flatten(0, 1))
+        S_[0].copy_(S_[n])
+    S = S_[0]
     o = o.view(NC, N, H, Gs, C, V).permute(1, 0, 4, 2, 3, 5).reshape(N, NC * C, HV, V)[:, :L]
     if packing is not None:
         o = packing.unpad(o, T)

@@ -16,6 +16,10 @@ what it expects and what it leaves behind:
 6. ``substitute``: build the per-layer forwards that call the replacements, last, once every
    decision is made.
 
+Two more run while the model is traced, not on the plan: ``causal_mask`` (transformers'
+masking code keeps SDPA's causal path) and ``norm_gate`` (a rewrite of the graph Dynamo hands
+to the backend).
+
 Every replacement bumps a counter in ``Plan.counters`` and ``plan.COUNTERS``; ``explain``
 reads them. Recognition happens on small graphs of the called functions, so Dynamo later sees
 one graphdelta op per call and a single dynamic graph for every prompt length.

@@ -27,6 +27,20 @@ def test_chunk_matches_reference(spec):
     check(gd.chunk_gated_delta_rule, spec.build())
 
 
+@pytest.mark.parametrize("layout, per_channel, seqlens", [
+    ("kv", False, None), ("vk", True, None), ("kv", False, (1100, 1013)),
+])
+def test_long_prompt_crosses_scan_groups(layout, per_channel, seqlens):
+    """2113 tokens: 34 chunks of 64, more than one group of the CPU scan (SCAN_GROUP chunks),
+    from a stored state and, packed, with a sequence boundary inside a group."""
+    from graphdelta.lowering.torch_chunk import SCAN_GROUP
+
+    spec = ProblemSpec(T=2113, H=1, group=2, K=16, V=8, per_channel_gate=per_channel, gate="mild",
+                       state_layout=layout, initial_state=True, seqlens=seqlens, seed=5)
+    assert -(-spec.T // 64) > SCAN_GROUP
+    check(gd.chunk_gated_delta_rule, spec.build())
+
+
 @given(problem_specs())
 def test_recurrent_matches_reference(spec):
     check(gd.recurrent_gated_delta_rule, spec.build())
