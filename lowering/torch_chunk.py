@@ -106,15 +106,18 @@ def decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, strict: bool
     return M.flatten(-4, -3).flatten(-2, -1)
 
 
-def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+def unit_lower_inverse_(A: torch.Tensor) -> torch.Tensor:
     """``(I + A)^-1`` for the strictly lower triangle of ``A`` ``[..., C, C]`` (C a multiple of
-    16 or <= 16); the diagonal and upper triangle of ``A`` are never read.
+    16 or <= 16), written over ``A`` and returned; the diagonal and upper triangle of ``A`` are
+    never read.
 
     The 16x16 diagonal blocks are inverted by a right-looking elimination vectorized over every
     block of every chunk (15 fused multiply-adds: a third of the time of row-by-row
-    substitution on CPU), then the block rows are merged:
-    ``T_ij = -T_ii sum_{j <= l < i} A_il T_lj``. The caller multiplies by the full inverse:
-    two wide batched matmuls run several times faster than a block substitution's 16-row ones.
+    substitution on CPU), then the block rows are merged top-down:
+    ``T_ij = -T_ii sum_{j <= l < i} A_il T_lj``. Block row i of A is read only to build block
+    row i of T, so T overwrites A: a fresh C x C buffer per chunk costs page faults on CPU. The
+    caller multiplies by the full inverse: two wide batched matmuls run several times faster
+    than a block substitution's 16-row ones.
     """
     C = A.shape[-1]
     bs = min(SUBCHUNK, C)
@@ -127,14 +130,14 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
         # is final and zero right of j.
         inv[..., j + 1:, : j + 1].addcmul_(L[..., j + 1:, j : j + 1], inv[..., j : j + 1, : j + 1], value=-1)
     if nb == 1:
-        return inv.squeeze(-3)
-    T = A.new_zeros(A.shape)
-    T[..., :bs, :bs] = inv[..., 0, :, :]
-    for i in range(1, nb):
-        rows = slice(i * bs, (i + 1) * bs)
-        T[..., rows, rows] = inv[..., i, :, :]
-        T[..., rows, : i * bs] = -inv[..., i, :, :] @ (A[..., rows, : i * bs] @ T[..., : i * bs, : i * bs])
-    return T
+        return A.copy_(inv.squeeze(-3))
+    for i in range(nb):
+        rows, done = slice(i * bs, (i + 1) * bs), slice(0, i * bs)
+        if i:
+            A[..., rows, done] = -inv[..., i, :, :] @ (A[..., rows, done] @ A[..., done, done])
+        A[..., rows, rows] = inv[..., i, :, :]
+        A[..., rows, (i + 1) * bs:] = 0
+    return A
 
 
 def chunk_gated_delta_rule(
@@ -199,7 +202,7 @@ def chunk_gated_delta_rule(
     # The inverse of I + A, then two batched matmuls: torch's batched triangular solve loops
     # over the 64x64 systems one at a time (it took over half of the op's time on CPU,
     # benchmarks/ops_cpu.py).
-    A_inv = unit_lower_inverse(A)
+    A_inv = unit_lower_inverse_(A)
     b = bc.unsqueeze(-1)
     u = A_inv @ (vc * b)
     w = A_inv @ (kc * b * expG)
