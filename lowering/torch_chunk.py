@@ -115,7 +115,7 @@ def unit_lower_inverse_(A: torch.Tensor) -> torch.Tensor:
     block of every chunk (15 fused multiply-adds: a third of the time of row-by-row
     substitution on CPU), then the block rows are merged top-down:
     ``T_ij = -T_ii sum_{j <= l < i} A_il T_lj``. Block row i of A is read only to build block
-    row i of T, so T overwrites A: a fresh C x C buffer per chunk costs page faults on CPU. The
+    row i of T, so T overwrites A (one C x C buffer per chunk less at the op's peak). The
     caller multiplies by the full inverse: two wide batched matmuls run several times faster
     than a block substitution's 16-row ones.
     """
@@ -195,7 +195,7 @@ def chunk_gated_delta_rule(
     if per_channel:
         A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
         P = decayed_gram(qc, kc, G, strict=False)
-    else:  # one decay matrix for both; A's diagonal is never read (unit_lower_inverse)
+    else:  # one decay matrix for both; A's diagonal is never read (unit_lower_inverse_)
         D = causal_decay(G)
         A = (kc @ kc.transpose(-1, -2)).mul(D).mul_(bc.unsqueeze(-1))
         P = D.mul_(qc @ kc.transpose(-1, -2))

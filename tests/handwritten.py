@@ -11,9 +11,10 @@
 - the output norm gated by a sigmoid *before* normalizing, with ``** -0.5`` instead of rsqrt.
 
 ``dispatched_chunks`` and ``dispatched_tap_mix`` hide the same functions behind opaque kernel
-calls, as transformers does when fla and causal-conv1d are installed. And two look-alikes that must *not* be replaced: ``leaky_chunks`` returns an intermediate
-(the solved triangular system) that the layer reuses, and ``undecayed_chunks`` ignores the gate;
-the ``loose_norm`` mixer adds its norm's eps after the root instead of before it.
+calls, as transformers does when fla and causal-conv1d are installed. And two look-alikes that
+must *not* be replaced: ``leaky_chunks`` returns an intermediate (the solved triangular system)
+that the layer reuses, and ``undecayed_chunks`` ignores the gate; the ``loose_norm`` mixer adds
+its norm's eps after the root instead of before it.
 """
 from __future__ import annotations
 
