@@ -167,7 +167,9 @@ class CompiledModel(nn.Module):
                     for lp in plan.layers if lp.replacements}
         forwards.update({lp.layer.module: lp.module_forward for lp in plan.layers if lp.module_forward})
         self.patch = discover.LayerPatch(forwards)
-        self._compiled = torch.compile(model, backend=backend, dynamic=dynamic, **compile_kwargs)
+        # The bound forward, not the module: ``generate`` points the module's ``forward`` at
+        # this wrapper for its duration, and the compiled code must not follow it there.
+        self._compiled = torch.compile(model.forward, backend=backend, dynamic=dynamic, **compile_kwargs)
         self._signature = inspect.signature(model.forward)
 
     def forward(self, *args, **kwargs):
@@ -185,6 +187,24 @@ class CompiledModel(nn.Module):
     @property
     def config(self):
         return getattr(self.model, "config", None)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """transformers' ``model.generate(...)`` (same arguments, same result), with every forward
+        call it makes running through the compiled graphs. For serving many sequences, see
+        ``graphdelta.runtime.generate``, which adds CUDA graphs and a fixed-address cache."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate method")
+        own = self.model.__dict__.get("forward")
+        self.model.forward = self.forward  # generate calls model(...), which reads model.forward
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            if own is None:
+                del self.model.forward
+            else:
+                self.model.forward = own
 
 
 def compile(
@@ -214,7 +234,8 @@ def compile(
         compile_kwargs: passed on to ``torch.compile`` (``fullgraph``, ``mode``, ...).
 
     Returns:
-        A ``CompiledModel`` whose ``forward`` gives the logits and cache of ``model``.
+        A ``CompiledModel`` whose ``forward`` gives the logits and cache of ``model``, and whose
+        ``generate`` is transformers' ``model.generate`` running on the compiled forward.
     """
     if state_layout not in ("auto", "kv", "vk"):
         raise ValueError(f"state_layout must be 'auto', 'kv' or 'vk', got {state_layout!r}")

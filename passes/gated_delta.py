@@ -46,6 +46,13 @@ CONFIRM_LENGTHS = {"chunk": (1, 37, 150), "recurrent": (1, 5)}
 RTOL = 2e-4
 
 
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the numerical checks run a candidate in: float64 stays, every other float is
+    checked in float32. The check asks what a function computes, not how precisely: a bf16
+    model's chunk function is the same math, but its bf16 output is ~1e-2 off the reference."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclasses.dataclass(frozen=True)
 class Roles:
     """Parameter names of the gated-delta inputs in one function's signature."""
@@ -311,7 +318,7 @@ def random_inputs(template: Call, roles: Roles, T: int, seed: int = 0) -> dict[s
     b = template.bound
     B, _, H, K = b[roles.q].shape
     _, _, HV, V = b[roles.v].shape
-    dtype = b[roles.v].dtype
+    dtype = check_dtype(b[roles.v].dtype)
 
     def rand(*shape):
         return torch.rand(*shape, generator=gen, dtype=torch.float32)

@@ -129,6 +129,59 @@ def test_packed_position_ids_keep_their_mask(family):
 
 
 @torch.no_grad()
+def test_generate_matches_transformers(family):
+    """``compiled.generate`` is transformers' generate over the compiled graphs: the same greedy
+    tokens for a left-padded batch, and a second prompt length reuses its graphs."""
+    name, model, compiled = family
+    if name not in ("qwen3_5", "kimi_linear"):
+        pytest.skip("one GDN and one KDA family: generate is transformers' own code")
+    new = []
+    for length in (30, 47):
+        ids = models.tokens(length, batch=2)
+        mask = torch.ones_like(ids)
+        mask[1, :9] = 0
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        before = len(compiled.graph_log.graphs)
+        out = compiled.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        new.append(compiled.graph_log.graphs[before:])
+        assert torch.equal(out, ref), (name, length)
+        assert "forward" not in vars(model)  # the module is left as it was
+    # the first length compiled generate's prefill (graphdelta's op in it); the second, nothing
+    assert any("chunk_gated_delta_rule" in g.graphdelta_ops for g in new[0]), [g.reason for g in new[0]]
+    assert new[1] == [], [g.reason for g in new[1]]
+
+
+@pytest.mark.parametrize("family_name,dtype", [
+    ("qwen3_5", torch.bfloat16), ("qwen3_5", torch.float16), ("kimi_linear", torch.bfloat16)])
+@torch.no_grad()
+def test_low_precision_model_is_fused(family_name, dtype):
+    """A bf16 or fp16 model is recognized like a float32 one (the numerical checks run in float32)
+    and is no further from the float32 model than eager is. Accuracy is checked on the dense
+    family: in the MoE families a low-precision rounding flips expert choices, eager's too."""
+    torch._dynamo.reset()
+    model = models.build(family_name).to(dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = graphdelta.compile(model, backend="eager")
+    assert not [str(w.message) for w in caught if "graphdelta" in str(w.message)]
+    counters = compiled.plan.counters
+    assert counters["gated_delta_chunk"] == counters["conv"] == counters["gated_norm"] == 3, counters
+    ids, nxt = models.tokens(70), models.tokens(1, seed=3)
+    out = compiled(ids, use_cache=True)
+    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+    assert out.logits.dtype == dtype and torch.isfinite(out2.logits).all()
+    if family_name != "qwen3_5":
+        return
+    exact = models.build(family_name)
+    ref = exact(ids, use_cache=True)
+    ref2 = exact(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    low = model(ids, use_cache=True)
+    low2 = model(nxt, past_key_values=low.past_key_values, use_cache=True)
+    for got, eager, truth in ((out, low, ref), (out2, low2, ref2)):
+        assert rel_err(got.logits.float(), truth.logits) <= 1.5 * rel_err(eager.logits.float(), truth.logits) + 1e-3
+
+
+@torch.no_grad()
 def test_state_layouts_agree():
     model = models.build("qwen3_next")
     ids, nxt = models.tokens(80), models.tokens(1, seed=3)
