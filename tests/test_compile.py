@@ -131,7 +131,8 @@ def test_packed_position_ids_keep_their_mask(family):
 @torch.no_grad()
 def test_generate_matches_transformers(family):
     """``compiled.generate`` is transformers' generate over the compiled graphs: the same greedy
-    tokens for a left-padded batch, and a second prompt length reuses its graphs."""
+    tokens for a left-padded batch and for a prefill in chunks, and a second prompt length
+    reuses its graphs."""
     name, model, compiled = family
     if name not in ("qwen3_5", "kimi_linear"):
         pytest.skip("one GDN and one KDA family: generate is transformers' own code")
@@ -149,6 +150,10 @@ def test_generate_matches_transformers(family):
     # the first length compiled generate's prefill (graphdelta's op in it); the second, nothing
     assert any("chunk_gated_delta_rule" in g.graphdelta_ops for g in new[0]), [g.reason for g in new[0]]
     assert new[1] == [], [g.reason for g in new[1]]
+    # a chunked prefill: later chunks start from the state the earlier ones left in the cache
+    ids = models.tokens(150)
+    ref = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=64), ref)
 
 
 @pytest.mark.parametrize("family_name,dtype", [
