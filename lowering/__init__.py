@@ -58,11 +58,25 @@ def backend_for(t: torch.Tensor) -> str:
     return "torch"
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def implementation(op: str, t: torch.Tensor):
     """The function implementing ``op`` for tensors on ``t``'s device."""
     backend = backend_for(t)
+    if backend == "triton" and _interpreted():
+        from .triton_interpreter import apply
+
+        apply()
     target = IMPLEMENTATIONS[op].get(backend)
     if target is None:
         raise NotImplementedError(f"graphdelta op {op!r} has no {backend!r} implementation")
     module, name = target.split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+if _interpreted():  # kernels imported directly, not through implementation(), need it too
+    from .triton_interpreter import apply as _apply_interpreter_fix
+
+    _apply_interpreter_fix()
