@@ -171,11 +171,24 @@ class CompiledModel(nn.Module):
         # this wrapper for its duration, and the compiled code must not follow it there.
         self._compiled = torch.compile(model.forward, backend=backend, dynamic=dynamic, **compile_kwargs)
         self._signature = inspect.signature(model.forward)
+        self._warned_grad = False
 
     def forward(self, *args, **kwargs):
         # Prefill, cached prefill and decode are separate graphs of the same code objects, and
         # several compiled models share transformers' code: Dynamo's default recompile limit (8
         # per code object) would silently send later graphs to eager.
+        if torch.is_grad_enabled() and self._differentiable(args, kwargs):
+            # graphdelta's ops have no backward, and AOT autograd traces one as soon as an input
+            # requires grad. Such a call runs the model as it is, eagerly: torch 2.13's inductor
+            # fails on the backward of these models' dynamic-shape graphs.
+            if not self._warned_grad:
+                self._warned_grad = True
+                warnings.warn(
+                    "graphdelta: gradients are enabled and the model has parameters (or inputs) that "
+                    "require grad; graphdelta's ops have no backward, so this call runs the original "
+                    "model, uncompiled. Call the model under torch.no_grad() or "
+                    "torch.inference_mode() to run the compiled graphs.", stacklevel=2)
+            return self.model(*args, **kwargs)
         try:
             own_positions = self._signature.bind_partial(*args, **kwargs).arguments.get("position_ids") is None
         except TypeError:  # let the model's own call raise it
@@ -183,6 +196,10 @@ class CompiledModel(nn.Module):
         with self.patch.applied(), causal_sdpa(own_positions), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self._compiled(*args, **kwargs)
+
+    def _differentiable(self, args: tuple, kwargs: dict) -> bool:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.model.parameters())
 
     @property
     def config(self):

@@ -156,6 +156,31 @@ def test_generate_matches_transformers(family):
     assert torch.equal(compiled.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=64), ref)
 
 
+def test_gradients_run_the_original_model(family):
+    """With gradients on and parameters that require them, a call runs the model as it is (the
+    ops have no backward; AOT autograd would fail to compile): eager's gradients, and a warning
+    that says how to get graphdelta's ops. Under no_grad the fused graphs serve again."""
+    name, model, compiled = family
+    if name != "qwen3_next":
+        pytest.skip("one family, the one compiled through AOT autograd")
+    ids = models.tokens(40)
+    with torch.no_grad():
+        compiled(ids, use_cache=False)  # the no-cache prefill graph, if no test compiled it yet
+    model.zero_grad()
+    model(ids, use_cache=False).logits.square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if "linear_attn" in n and p.grad is not None}
+    model.zero_grad()
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        out = compiled(ids, use_cache=False)
+    out.logits.square().mean().backward()
+    assert ref and all(rel_err(dict(model.named_parameters())[n].grad, g) < 1e-3 for n, g in ref.items())
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        before = len(compiled.graph_log.graphs)
+        compiled(models.tokens(41), use_cache=False)
+    assert compiled.graph_log.graphs[before:] == []
+
+
 @pytest.mark.parametrize("family_name,dtype", [
     ("qwen3_5", torch.bfloat16), ("qwen3_5", torch.float16), ("kimi_linear", torch.bfloat16)])
 @torch.no_grad()
