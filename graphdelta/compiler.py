@@ -174,9 +174,6 @@ class CompiledModel(nn.Module):
         self._warned_grad = False
 
     def forward(self, *args, **kwargs):
-        # Prefill, cached prefill and decode are separate graphs of the same code objects, and
-        # several compiled models share transformers' code: Dynamo's default recompile limit (8
-        # per code object) would silently send later graphs to eager.
         if torch.is_grad_enabled() and self._differentiable(args, kwargs):
             # graphdelta's ops have no backward, and AOT autograd traces one as soon as an input
             # requires grad. Such a call runs the model as it is, eagerly: torch 2.13's inductor
@@ -189,6 +186,9 @@ class CompiledModel(nn.Module):
                     "model, uncompiled. Call the model under torch.no_grad() or "
                     "torch.inference_mode() to run the compiled graphs.", stacklevel=2)
             return self.model(*args, **kwargs)
+        # Prefill, cached prefill and decode are separate graphs of the same code objects, and
+        # several compiled models share transformers' code: Dynamo's default recompile limit (8
+        # per code object) would silently send later graphs to eager.
         try:
             own_positions = self._signature.bind_partial(*args, **kwargs).arguments.get("position_ids") is None
         except TypeError:  # let the model's own call raise it
