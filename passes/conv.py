@@ -19,7 +19,8 @@ import torch
 
 from graphdelta import reference
 from .discover import Binder, Call, Callee
-from .gated_delta import _close, as_kwargs, check_dtype, reads_var_keyword, trace, variant_key, wrapped_chain
+from graphdelta.lowering.torch_chunk import compute_dtype
+from .gated_delta import _close, as_kwargs, reads_var_keyword, trace, variant_key, wrapped_chain
 
 aten = torch.ops.aten
 CONFIRM_LENGTHS = {"conv": (1, 5, 40), "conv_update": (1, 2)}
@@ -68,13 +69,13 @@ def _random(template: Call, roles: ConvRoles, T: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(T)
     b = dict(template.bound)
     B, D, _ = b[roles.x].shape
-    dtype = check_dtype(b[roles.x].dtype)
+    dtype = compute_dtype(b[roles.x].dtype)
     b[roles.x] = torch.randn(B, D, T, generator=gen).to(dtype)
     b[roles.weight] = torch.randn(b[roles.weight].shape, generator=gen).to(dtype)
     if roles.bias is not None:
         b[roles.bias] = torch.randn(D, generator=gen).to(dtype)
     if roles.state is not None:
-        b[roles.state] = torch.randn(b[roles.state].shape, generator=gen).to(check_dtype(b[roles.state].dtype))
+        b[roles.state] = torch.randn(b[roles.state].shape, generator=gen).to(compute_dtype(b[roles.state].dtype))
     return b
 
 
