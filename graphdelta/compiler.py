@@ -38,6 +38,7 @@ from graphdelta.passes import discover
 from graphdelta.passes.causal_mask import causal_sdpa
 from graphdelta.passes.norm_gate import unflatten_norm_gates
 from graphdelta.passes.plan import Plan
+from graphdelta.runtime.layers import text_config
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 RECOMPILE_LIMIT = 64
@@ -139,7 +140,9 @@ class GraphLog:
 def default_probe(model: nn.Module, length: int = 20) -> None:
     """A causal LM probe: prefill into a cache, continue it, one decode step, prefill without a
     cache. Together these reach every gated-delta and conv function of a transformers hybrid."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "config", None)
+    # Multimodal wrappers (Qwen3.5's *ForConditionalGeneration) keep it in their text config.
+    vocab = getattr(text_config(config), "vocab_size", None) if config is not None else None
     if vocab is None:
         raise ValueError(
             f"{type(model).__name__} has no config.vocab_size; pass probe=fn(model) that runs a "
@@ -214,7 +217,14 @@ class CompiledModel(nn.Module):
         if generate is None:
             raise AttributeError(f"{type(self.model).__name__} has no generate method")
         own = self.model.__dict__.get("forward")
-        self.model.forward = self.forward  # generate calls model(...), which reads model.forward
+
+        def forward(*a, **k):
+            return self.forward(*a, **k)
+
+        # generate calls model(...), which reads model.forward, and it accepts only the keyword
+        # arguments that forward's signature names (pixel_values, ...)
+        forward.__signature__ = self._signature
+        self.model.forward = forward
         try:
             return generate(*args, **kwargs)
         finally:
@@ -239,8 +249,9 @@ def compile(
 
     Args:
         model: a transformers ``Qwen3NextForCausalLM``, ``Qwen3_5ForCausalLM``,
-            ``Qwen3_5MoeForCausalLM``, ``KimiLinearForCausalLM``, or any module whose layers
-            call such functions.
+            ``Qwen3_5MoeForCausalLM``, ``KimiLinearForCausalLM``, the image-text
+            ``Qwen3_5[Moe]ForConditionalGeneration``, or any module whose layers call such
+            functions.
         state_layout: ``"auto"`` (measured per device), ``"kv"`` or ``"vk"``: the layout of the
             recurrent state in the kernels and in the cache of every replaced layer.
         dynamic: passed to ``torch.compile``; True gives one graph for all prompt lengths.

@@ -81,3 +81,39 @@ def build(family: str, hidden: int = 128, layers: int = 4, seed: int = 0) -> tor
 def tokens(length: int, batch: int = 1, seed: int = 1, vocab: int = 512) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+# Qwen3.5 checkpoints are image-text models; their special tokens sit in the tiny vocabulary.
+IMAGE_TOKENS = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+
+
+def build_multimodal(family: str = "qwen3_5", seed: int = 0) -> torch.nn.Module:
+    """A tiny ``Qwen3_5[Moe]ForConditionalGeneration``: the ``family`` text model of ``build``
+    behind a one-block vision tower (patch 16, merge 2), float32, eval mode."""
+    import transformers as tf
+
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=128)
+    classes = {
+        "qwen3_5": (tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration),
+        "qwen3_5_moe": (tf.Qwen3_5MoeConfig, tf.Qwen3_5MoeForConditionalGeneration),
+    }
+    config_class, model_class = classes[family]
+    cfg = config_class(text_config=config(family).to_dict(), vision_config=vision, **IMAGE_TOKENS)
+    torch.manual_seed(seed)
+    return model_class(cfg).float().eval()
+
+
+def image_prompt(length: int, grid: tuple[int, int] = (4, 4), seed: int = 1) -> dict:
+    """Keyword arguments of a ``build_multimodal`` call: ``length`` text tokens with one image
+    of ``grid`` patches (``grid[0] * grid[1] / 4`` image tokens) after the tenth."""
+    ids = tokens(length, seed=seed, vocab=IMAGE_TOKENS["image_token_id"])
+    n = grid[0] * grid[1] // 4
+    ids[0, 10] = IMAGE_TOKENS["vision_start_token_id"]
+    ids[0, 11:11 + n] = IMAGE_TOKENS["image_token_id"]
+    ids[0, 11 + n] = IMAGE_TOKENS["vision_end_token_id"]
+    kinds = torch.zeros_like(ids)
+    kinds[0, 11:11 + n] = 1
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(grid[0] * grid[1], 3 * 2 * 16 * 16, generator=g)
+    return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, *grid]]),
+                mm_token_type_ids=kinds)

@@ -29,15 +29,21 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
+def compile_fused(model: torch.nn.Module, **kwargs):
+    """``graphdelta.compile(model, **kwargs)``, failing on any graphdelta warning: every
+    linear-attention function must fuse."""
     torch._dynamo.reset()
-    model = models.build(request.param)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = graphdelta.compile(model, backend=BACKENDS.get(request.param, "eager"), state_layout="kv")
-    # every linear-attention function must fuse: no graphdelta fallback warning
+        compiled = graphdelta.compile(model, **kwargs)
     assert not [str(w.message) for w in caught if "graphdelta" in str(w.message)]
+    return compiled
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    model = models.build(request.param)
+    compiled = compile_fused(model, backend=BACKENDS.get(request.param, "eager"), state_layout="kv")
     return request.param, model, compiled
 
 
@@ -188,12 +194,8 @@ def test_low_precision_model_is_fused(family_name, dtype):
     """A bf16 or fp16 model is recognized like a float32 one (the numerical checks run in float32)
     and is no further from the float32 model than eager is. Accuracy is checked on the dense
     family: in the MoE families a low-precision rounding flips expert choices, eager's too."""
-    torch._dynamo.reset()
     model = models.build(family_name).to(dtype)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled = graphdelta.compile(model, backend="eager")
-    assert not [str(w.message) for w in caught if "graphdelta" in str(w.message)]
+    compiled = compile_fused(model, backend="eager")
     counters = compiled.plan.counters
     assert counters["gated_delta_chunk"] == counters["conv"] == counters["gated_norm"] == 3, counters
     ids, nxt = models.tokens(70), models.tokens(1, seed=3)
@@ -209,6 +211,24 @@ def test_low_precision_model_is_fused(family_name, dtype):
     low2 = model(nxt, past_key_values=low.past_key_values, use_cache=True)
     for got, eager, truth in ((out, low, ref), (out2, low2, ref2)):
         assert rel_err(got.logits.float(), truth.logits) <= 1.5 * rel_err(eager.logits.float(), truth.logits) + 1e-3
+
+
+@torch.no_grad()
+def test_image_text_model_is_fused():
+    """Qwen3.5 checkpoints load as ``Qwen3_5ForConditionalGeneration``: its text layers are fused
+    like the causal LM's, and a prompt with an image gives eager's logits and greedy tokens."""
+    model = models.build_multimodal("qwen3_5")
+    compiled = compile_fused(model, backend="eager")
+    counters = compiled.plan.counters
+    assert counters["gated_delta_chunk"] == counters["gated_delta_recurrent"] == counters["conv"] == 3, counters
+    ids = models.tokens(70, vocab=500)
+    assert rel_err(compiled(ids).logits, model(ids).logits) < RTOL
+    prompt = dict(models.image_prompt(40), max_new_tokens=4, do_sample=False,
+                  return_dict_in_generate=True, output_logits=True)
+    ref, out = model.generate(**prompt), compiled.generate(**prompt)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(rel_err(got, want) < RTOL for got, want in zip(out.logits, ref.logits, strict=True))
+    assert any("chunk_gated_delta_rule" in g.graphdelta_ops for g in compiled.graph_log.graphs)
 
 
 @torch.no_grad()
