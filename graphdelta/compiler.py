@@ -54,7 +54,7 @@ class GraphRecord:
     nodes: int
     graphdelta_ops: dict[str, int]
     leftovers: dict[str, int]  # ops that a full fusion removes (solve_triangular, cumsum)
-    matmuls: int
+    matmuls: int  # matmul / bmm / einsum nodes in linear-attention layers (a fused layer has none)
     inputs: list[str]
     attention: dict[str, int] = dataclasses.field(default_factory=dict)  # SDPA calls: "unmasked" / "masked"
     seconds: float = 0.0
@@ -64,13 +64,19 @@ class GraphRecord:
 class GraphLog:
     """A backend in front of ``inner`` that records every graph it is asked to compile."""
 
-    def __init__(self, inner: str):
+    def __init__(self, inner: str, layer_classes: tuple[type, ...] = ()):
         if inner not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {inner!r}")
         self.inner = inner
+        # the linear-attention layers' classes; matmuls elsewhere (rotary embeddings) don't count
+        self.layer_classes = layer_classes
         self.graphs: list[GraphRecord] = []
         self._seen_failures = 0
         self.pending = ""
+
+    def _in_layer(self, node: torch.fx.Node) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        return any(cls in self.layer_classes for _, cls in stack.values())
 
     def _reason(self) -> str:
         failures = [r for reasons in torch._dynamo.utils.guard_failures.values() for r in reasons]
@@ -98,7 +104,7 @@ class GraphLog:
                 ops[qualified.replace("graphdelta.", "graphdelta::").split("graphdelta::")[-1].split(".")[0]] += 1
             if any(s in name for s in LEFTOVER_OPS):
                 leftovers[name] += 1
-            if name in ("matmul", "bmm", "mm", "einsum", "__matmul__"):
+            if name in ("matmul", "bmm", "mm", "einsum", "__matmul__") and self._in_layer(node):
                 matmuls += 1
             if name == "scaled_dot_product_attention":
                 masked = (len(node.args) > 3 and node.args[3] is not None) or node.kwargs.get("attn_mask") is not None
@@ -281,7 +287,8 @@ def compile(
     if warn:
         for message in plan.warnings:
             warnings.warn(message, stacklevel=2)
-    return CompiledModel(model, plan, GraphLog(backend), dynamic, compile_kwargs)
+    layer_classes = tuple({type(lp.layer.module) for lp in plan.layers if lp.regions or lp.fallbacks})
+    return CompiledModel(model, plan, GraphLog(backend, layer_classes), dynamic, compile_kwargs)
 
 
 def explain(compiled: CompiledModel) -> str:

@@ -11,7 +11,9 @@ Without a cache transformers also looks for packed sequences in ``position_ids``
 their values that a traced graph cannot make, so it builds the mask there too.
 
 graphdelta compiles, it never exports, so while its compiled forward runs transformers'
-masking code is told so; and when the caller passes no ``position_ids``, the model makes them
+masking code is told so. Older transformers (5.17, the GPU image's) asks ``is_tracing(mask)``
+instead, which is True under any ``torch.compile`` even when there is no mask to read; it is
+told that only a traced mask is traced, which is the newer versions' own condition. And when the caller passes no ``position_ids``, the model makes them
 itself as one ``arange`` per row, which holds no packed sequences, and the masking code is told
 that as well. Every other condition transformers checks stays as it is: a padding mask that
 Dynamo traces as a tensor, a cache with earlier tokens or a sliding window still get an
@@ -31,6 +33,12 @@ def _no_packing(position_ids):
     return None
 
 
+def _only_tensors_traced(is_tracing):
+    def tracing(tensor=None) -> bool:
+        return tensor is not None and is_tracing(tensor)
+    return tracing
+
+
 @contextlib.contextmanager
 def causal_sdpa(own_positions: bool) -> Iterator[None]:
     """While active, ``transformers.masking_utils`` sees that no export is in progress and, with
@@ -41,6 +49,8 @@ def causal_sdpa(own_positions: bool) -> Iterator[None]:
         yield
         return
     patches = {"is_torchdynamo_exporting": _not_exporting}
+    if hasattr(masking_utils, "is_tracing"):
+        patches["is_tracing"] = _only_tensors_traced(masking_utils.is_tracing)
     if own_positions:
         patches["find_packed_sequence_indices"] = _no_packing
     saved = {name: getattr(masking_utils, name) for name in patches if hasattr(masking_utils, name)}
