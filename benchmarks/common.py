@@ -47,6 +47,12 @@ def environment() -> dict:
     }
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
+    try:  # transformers' GDN layers call fla's kernels when it is installed
+        from importlib.metadata import version
+
+        env["fla"] = version("fla-core")
+    except Exception:
+        pass
     return env
 
 

@@ -2,7 +2,8 @@
 (default settings) and ``graphdelta.compile(model)``, side by side.
 
 For each mode, in its own process (so that Dynamo caches and threads do not leak between
-modes), on CPU:
+modes), on CPU or, with ``--device cuda``, on a GPU (bf16 by default there, calls timed to
+their completion):
 
 1. compile time: the first call at each of ``--compile-lengths`` (different chunk-count
    classes) minus a second, warm call at the same length, summed;
@@ -10,10 +11,12 @@ modes), on CPU:
    compile these lengths trigger is not counted);
 3. the largest relative logit error against eager.
 
-Writes ``benchmarks/results/compile_<config>.json`` and ``.md`` (and ``.png`` with matplotlib).
+Writes ``benchmarks/results/compile_<family>_<config>.json`` and ``.md`` (and ``.png`` with
+matplotlib); ``_cuda`` is added to GPU runs' names.
 
     python benchmarks/compile.py --config tiny
     python benchmarks/compile.py --config mid --prefill 512 --timeout 1800
+    python benchmarks/compile.py --config realistic --device cuda --prefill 2048,8192
 """
 from __future__ import annotations
 
@@ -30,16 +33,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-CONFIGS = {"tiny": dict(hidden=128, layers=4), "mid": dict(hidden=1024, layers=8)}
+from common import RESULTS  # noqa: E402
+
+CONFIGS = {"tiny": dict(hidden=128, layers=4), "mid": dict(hidden=1024, layers=8),
+           "realistic": dict(realistic=True, layers=8)}  # Qwen3-Next's dimensions (tests/models.py)
 MODES = ("eager", "torch_compile", "graphdelta")
-RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _build(family: str, config: str, mode: str):
+def _dtype(args) -> torch.dtype:
+    return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+
+def _build(family: str, config: str, mode: str, device: str, dtype: torch.dtype):
     import models
 
-    model = models.build(family, **CONFIGS[config])
+    model = models.build(family, **CONFIGS[config], device=device, dtype=dtype)
     if mode == "eager":
         return model, model
     if mode == "torch_compile":
@@ -50,13 +60,17 @@ def _build(family: str, config: str, mode: str):
 
 
 @torch.no_grad()
-def _call(fn, length: int, seed: int = 0) -> tuple[float, torch.Tensor]:
+def _call(fn, model, length: int, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """(seconds, logits) of ``fn`` (``model`` or a compiled form of it) on random tokens."""
     import models
 
-    ids = models.tokens(length, seed=seed)
+    ids = models.tokens(length, seed=seed, vocab=model.config.vocab_size).to(model.device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     logits = fn(ids, use_cache=False).logits
-    return time.perf_counter() - start, logits
+    sync()
+    return time.perf_counter() - start, logits.float()
 
 
 def run_mode(args, mode: str) -> dict:
@@ -68,22 +82,22 @@ def run_mode(args, mode: str) -> dict:
     def save():
         out_path.write_text(json.dumps(result))
 
-    model, fn = _build(args.family, args.config, mode)
+    model, fn = _build(args.family, args.config, mode, args.device, _dtype(args))
     start = time.perf_counter()
     passes_s = fn.plan.seconds if mode == "graphdelta" else 0.0  # recognition, counted as compile time
     result["passes_s"] = passes_s
     for length in args.compile_lengths:
-        first, _ = _call(fn, length)
-        warm, logits = _call(fn, length)
+        first, _ = _call(fn, model, length)
+        warm, logits = _call(fn, model, length)
         result["compile_s"][length] = max(0.0, first - warm)
         if mode != "eager":
-            _, ref = _call(model, length)
+            _, ref = _call(model, model, length)
             result["rel_err"] = max(result["rel_err"], ((logits - ref).abs().max() / ref.abs().max()).item())
         save()
     result["compile_total_s"] = sum(result["compile_s"].values()) + passes_s
     for length in args.prefill:
-        _call(fn, length)  # compile (if the mode needs it) and warm up
-        times = [_call(fn, length, seed=r)[0] for r in range(args.reps)]
+        _call(fn, model, length)  # compile (if the mode needs it) and warm up
+        times = [_call(fn, model, length, seed=r)[0] for r in range(args.reps)]
         result["prefill_s"][length] = statistics.median(times)
         save()
     if mode == "graphdelta":
@@ -98,8 +112,8 @@ def run_mode(args, mode: str) -> dict:
 def table(results: list[dict], args) -> str:
     by = {r["mode"]: r for r in results}
     lines = [
-        f"family {args.family}, config {args.config} {CONFIGS[args.config]}, CPU threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}",
+        f"family {args.family}, config {args.config} {CONFIGS[args.config]}, {args.device}, "
+        f"{_dtype(args)}, CPU threads {torch.get_num_threads()}, torch {torch.__version__}",
         "",
         "| mode | " + " | ".join(f"prefill {n} (s)" for n in args.prefill)
         + f" | compile, lengths {','.join(map(str, args.compile_lengths))} (s) | graphs | max rel err |",
@@ -162,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--timeout", type=float, default=1500, help="seconds per mode")
     parser.add_argument("--warm-caches", action="store_true", help="let inductor reuse kernels it cached on disk")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="default: bfloat16 on a GPU, float32 on CPU")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--partial", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -177,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         partial.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--only", mode, "--partial", str(partial), "--family", args.family,
                "--config", args.config, "--prefill", ",".join(map(str, args.prefill)),
-               "--compile-lengths", ",".join(map(str, args.compile_lengths)), "--reps", str(args.reps)]
+               "--compile-lengths", ",".join(map(str, args.compile_lengths)), "--reps", str(args.reps),
+               "--device", args.device, *(["--dtype", args.dtype] if args.dtype else [])]
         print(f"[{time.strftime('%H:%M:%S')}] {mode} ...", flush=True)
         try:
             # Cold compiles for every mode: inductor's on-disk caches would otherwise serve a
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             r.pop("compile_total_s", None) if len(r["compile_s"]) < len(args.compile_lengths) else None
         results.append(r)
         print(json.dumps(r), flush=True)
-    stem = RESULTS / f"compile_{args.family}_{args.config}"
+    stem = RESULTS / (f"compile_{args.family}_{args.config}" + ("_cuda" if args.device.startswith("cuda") else ""))
     stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     text = table(results, args)
     stem.with_suffix(".md").write_text(text + "\n")

@@ -88,7 +88,7 @@ def systems_prefill(case: Case):
         if case.per_channel:
             from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention as ref
         else:
-            from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as ref
+            from graphdelta.fuzz import transformers_chunk as ref
         out["transformers"] = lambda q, k, v, g, b, cu: ref(q, k, v, g, b, output_final_state=True,
                                                              use_qk_l2norm_in_kernel=True)
     return out

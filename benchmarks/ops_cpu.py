@@ -11,9 +11,8 @@ import argparse
 import sys
 
 import torch
-from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
-
 import graphdelta as gd
+from graphdelta.fuzz import transformers_chunk
 from common import median_time, write_results
 
 
@@ -36,9 +35,9 @@ def main(argv=None) -> None:
         q, k, v, g, beta = inputs(T)
         kw = dict(initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True)
         ours = median_time(lambda: gd.chunk_gated_delta_rule(q, k, v, g, beta, **kw), args.repeats)
-        theirs = median_time(lambda: torch_chunk_gated_delta_rule(q, k, v, g, beta, **kw), args.repeats)
+        theirs = median_time(lambda: transformers_chunk(q, k, v, g, beta, **kw), args.repeats)
         o1, s1 = gd.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
-        o2, s2 = torch_chunk_gated_delta_rule(q, k, v, g, beta, **kw)
+        o2, s2 = transformers_chunk(q, k, v, g, beta, **kw)
         err = ((o1 - o2).norm() / o2.norm()).item()
         rows.append({"T": T, "transformers_s": theirs, "graphdelta_s": ours, "speedup": theirs / ours,
                      "tokens_per_s": T / ours, "rel_diff": err})

@@ -8,10 +8,15 @@ table gives the median of the rounds and the ratios of medians. ``torch.compile`
 ``--modes eager,torch_compile,graphdelta``; it compiles a graph per chunk count (minutes each
 on 2 cores) before its length's rounds start.
 
-Writes ``benchmarks/results/prefill_<config>.json``, ``.md`` and ``.png``.
+On a GPU the model runs there (in bf16 by default) and every call is timed to its
+completion. ``--config realistic`` has Qwen3-Next's real layer dimensions (hidden 2048, GDN
+heads of 128, its vocabulary), 8 layers, 64 experts: a GPU configuration.
+
+Writes ``benchmarks/results/prefill_<family>_<config>.json``, ``.md`` and ``.png``.
 
     python benchmarks/prefill.py --config tiny
     python benchmarks/prefill.py --config mid --lengths 512 --rounds 5
+    python benchmarks/prefill.py --config realistic --lengths 2048 8192 --modes eager,torch_compile,graphdelta
 """
 from __future__ import annotations
 
@@ -30,15 +35,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import write_results  # noqa: E402
 
-CONFIGS = {"tiny": dict(hidden=128, layers=4), "mid": dict(hidden=1024, layers=8)}
+CONFIGS = {"tiny": dict(hidden=128, layers=4), "mid": dict(hidden=1024, layers=8),
+           "realistic": dict(realistic=True, layers=8)}
 
 
 @torch.no_grad()
-def measure(family: str, config: str, lengths: list[int], rounds: int, names: list[str]) -> list[dict]:
+def measure(family: str, config: str, lengths: list[int], rounds: int, names: list[str],
+            device: str, dtype: torch.dtype) -> list[dict]:
     import graphdelta
     import models
 
-    model = models.build(family, **CONFIGS[config])
+    model = models.build(family, **CONFIGS[config], device=device, dtype=dtype)
+    vocab = model.config.vocab_size
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     modes = {"eager": model}
     if "torch_compile" in names:
         modes["torch_compile"] = torch.compile(model)
@@ -47,17 +56,20 @@ def measure(family: str, config: str, lengths: list[int], rounds: int, names: li
         modes["graphdelta"] = graphdelta.compile(model)
     rows = []
     for length in lengths:
-        ids = models.tokens(length)
+        ids = models.tokens(length, vocab=vocab).to(device)
         ref = model(ids, use_cache=False).logits
         row: dict = {"tokens": length}
         for name, fn in modes.items():  # compiles what this length needs, and checks the logits
             got = fn(ids, use_cache=False).logits
-            row[f"{name}_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+            row[f"{name}_rel_err"] = ((got - ref).float().abs().max() / ref.float().abs().max()).item()
+            del got
         times: dict[str, list[float]] = {name: [] for name in modes}
         for _ in range(rounds + 1):  # the first round warms up and is dropped
             for name, fn in modes.items():
+                sync()
                 start = time.perf_counter()
                 fn(ids, use_cache=False)
+                sync()
                 times[name].append(time.perf_counter() - start)
         for name, t in times.items():
             row[f"{name}_s"] = statistics.median(t[1:])
@@ -78,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--modes", default="eager,graphdelta",
                         help="eager and graphdelta always; add torch_compile to include it")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="default: bfloat16 on a GPU, float32 on CPU")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     names = ["eager", *(["torch_compile"] if "torch_compile" in args.modes.split(",") else []), "graphdelta"]
 
-    rows = measure(args.family, args.config, args.lengths, args.rounds, names)
+    rows = measure(args.family, args.config, args.lengths, args.rounds, names, args.device, dtype)
 
     def plot(path: Path) -> None:
         import matplotlib.pyplot as plt
@@ -91,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in names:
             ax.plot(xs, [r[f"{mode}_s"] for r in rows], marker="o", label=mode)
         ax.set(xlabel="prompt length", ylabel="prefill (s)", xscale="log", yscale="log",
-               title=f"{args.family} {args.config}, interleaved")
+               title=f"{args.family} {args.config}, {args.device} {dtype}, interleaved".replace("torch.", ""))
         ax.legend()
         fig.tight_layout()
         fig.savefig(path)
@@ -99,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/prefill.py " + " ".join(argv if argv is not None else sys.argv[1:])
     columns = ["tokens", *(f"{n}_s" for n in names), *(f"vs_{n}" for n in names[:-1]),
                *(f"{n}_rel_err" for n in names[1:])]
-    print(write_results(f"prefill_{args.family}_{args.config}", rows, columns, command.strip(), plot))
+    name = f"prefill_{args.family}_{args.config}" + ("_cuda" if args.device.startswith("cuda") else "")
+    print(write_results(name, rows, columns, command.strip(), plot))
     return 0
 
 

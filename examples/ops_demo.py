@@ -44,7 +44,7 @@ def main(argv=None) -> None:
               f"relative error output {relative_error(o, ref_o):.1e}, state {relative_error(s, ref_s):.1e}")
 
     print(f"\n2. one Qwen3-Next linear-attention layer's recurrence, T={args.T} (H=16, HV=32, K=V=128, fp32)")
-    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+    from graphdelta.fuzz import transformers_chunk  # transformers' torch_chunk_gated_delta_rule
 
     gen = torch.Generator().manual_seed(0)
     T = args.T
@@ -54,9 +54,9 @@ def main(argv=None) -> None:
     beta = torch.rand(1, T, 32, generator=gen)
     kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
     ours = timed(lambda: gd.chunk_gated_delta_rule(q, k, v, g, beta, **kw))
-    theirs = timed(lambda: torch_chunk_gated_delta_rule(q, k, v, g, beta, **kw))
+    theirs = timed(lambda: transformers_chunk(q, k, v, g, beta, **kw))
     diff = relative_error(gd.chunk_gated_delta_rule(q, k, v, g, beta, **kw)[0],
-                          torch_chunk_gated_delta_rule(q, k, v, g, beta, **kw)[0])
+                          transformers_chunk(q, k, v, g, beta, **kw)[0])
     print(f"   transformers torch_chunk_gated_delta_rule: {theirs * 1e3:8.1f} ms")
     print(f"   graphdelta chunk_gated_delta_rule:         {ours * 1e3:8.1f} ms  ({theirs / ours:.2f}x)")
     print(f"   outputs agree to {diff:.1e} (relative)")

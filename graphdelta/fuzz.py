@@ -67,13 +67,21 @@ def _decode_adapter(backend: str | None) -> Callable:
     return run
 
 
-def _transformers_adapter(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                          use_qk_l2norm_in_kernel, state_layout):
+def transformers_chunk(q, k, v, g, beta, **kwargs):
+    """transformers' ``torch_chunk_gated_delta_rule`` on graphdelta's shapes (q, k
+    ``[B, T, H, K]``, v ``[B, T, HV, V]``): each key head is repeated for its value heads, as the
+    transformers layers do before the call (transformers 5.17's function takes H == HV only;
+    newer ones repeat inside it, at the same cost)."""
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
-    return torch_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
-                                        output_final_state=True,
-                                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    r = v.shape[2] // q.shape[2]
+    return torch_chunk_gated_delta_rule(q.repeat_interleave(r, 2), k.repeat_interleave(r, 2), v, g, beta, **kwargs)
+
+
+def _transformers_adapter(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                          use_qk_l2norm_in_kernel, state_layout):
+    return transformers_chunk(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
+                              use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
 
 
 def _fla_adapter(module: str, name: str) -> Callable:

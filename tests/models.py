@@ -63,8 +63,33 @@ def config(family: str, hidden: int = 128, layers: int = 4):
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 
-def build(family: str, hidden: int = 128, layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialized ``family`` causal LM (float32, eval mode)."""
+# Qwen3-Next-80B-A3B's layer dimensions (GDN: 16 key / 32 value heads of 128; attention: 16
+# query / 2 key-value heads of 256) and vocabulary, with 64 of its 512 experts (10 active).
+REALISTIC_QWEN3_NEXT = dict(
+    vocab_size=151936, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+    linear_value_head_dim=128, linear_conv_kernel_dim=4, intermediate_size=5120,
+    num_experts=64, num_experts_per_tok=10, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, max_position_embeddings=65536,
+)
+
+
+def realistic_config(family: str = "qwen3_next", layers: int = 8):
+    """A ``layers``-layer config with a real checkpoint's dimensions (``REALISTIC_QWEN3_NEXT``),
+    for GPU benchmarks."""
+    import transformers as tf
+
+    if family != "qwen3_next":
+        raise ValueError(f"realistic dimensions are defined for qwen3_next only, got {family!r}")
+    kinds = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)]  # the checkpoint's
+    return tf.Qwen3NextConfig(**REALISTIC_QWEN3_NEXT, num_hidden_layers=layers, layer_types=kinds)
+
+
+def build(family: str, hidden: int = 128, layers: int = 4, seed: int = 0, *, realistic: bool = False,
+          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialized ``family`` causal LM in eval mode, built on ``device`` (a large
+    model initializes there much faster than on the host) in ``dtype``. ``realistic``: the
+    dimensions of ``realistic_config`` instead of ``hidden``."""
     import transformers as tf
 
     classes = {
@@ -73,9 +98,11 @@ def build(family: str, hidden: int = 128, layers: int = 4, seed: int = 0) -> tor
         "qwen3_5_moe": tf.Qwen3_5MoeForCausalLM,
         "kimi_linear": tf.KimiLinearForCausalLM,
     }
+    cfg = realistic_config(family, layers) if realistic else config(family, hidden, layers)
     torch.manual_seed(seed)
-    model = classes[family](config(family, hidden, layers))
-    return model.float().eval()
+    with torch.device(device):
+        model = classes[family](cfg)
+    return model.to(dtype).eval()
 
 
 def tokens(length: int, batch: int = 1, seed: int = 1, vocab: int = 512) -> torch.Tensor:

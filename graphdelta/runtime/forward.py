@@ -385,7 +385,12 @@ class HybridForward(nn.Module):
         x = self.base.embed_tokens(tokens)
         rope = None
         if self.rotary is not None:
-            rope = self.rotary(x, batch.positions())
+            positions = batch.positions()
+            if getattr(self.rotary, "mrope_section", None) is not None:
+                # Qwen3.5's multimodal rotary takes (temporal, height, width) positions; text
+                # tokens have the same one on all three (transformers before 5.2x won't broadcast)
+                positions = positions.expand(3, *positions.shape)
+            rope = self.rotary(x, positions)
         for layer, mixer in zip(self.base.layers, self.mixers):
             h = layer.input_layernorm(x)
             if isinstance(mixer, LinearAttention):
