@@ -8,10 +8,12 @@ import graphdelta
 from graphdelta.runtime import Runner
 from graphdelta.runtime.generate import runner_for, sample
 
-from models import build, tokens
+from models import build, build_multimodal, tokens
 
 PARITY_FAMILIES = ["qwen3_next", "qwen3_5", "kimi_linear"]
-LOGIT_FAMILIES = ["qwen3_5_moe"]  # prefill + decode logits only (the MoE variant of Qwen3.5)
+# prefill + decode logits only: the MoE variant of Qwen3.5, and Qwen3.5's image-text model
+# (``*ForConditionalGeneration``, as its checkpoints load) on text
+LOGIT_FAMILIES = ["qwen3_5_moe", "qwen3_5_image_text"]
 PROMPT_LENGTHS = [(7, 1), (19, 2), (12, 3)]  # (length, seed)
 NEW_TOKENS = 32
 ATOL = 2e-5
@@ -21,7 +23,7 @@ _models: dict = {}
 
 def model(family: str):
     if family not in _models:
-        _models[family] = build(family)
+        _models[family] = build_multimodal("qwen3_5") if family == "qwen3_5_image_text" else build(family)
     return _models[family]
 
 
