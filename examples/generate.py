@@ -10,6 +10,9 @@ Kimi Linear); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,12 +36,26 @@ def eager_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int]
     return tokens, prefill, max(total - prefill, 1e-9) / max(new_tokens - 1, 1)
 
 
+@torch.no_grad()
+def prefill_seconds(model, compiled, ids: torch.Tensor, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds of one forward over ``ids`` for eager and compiled, taking turns."""
+    times: dict = {model: [], compiled: []}
+    for _ in range(rounds + 1):  # the first round warms up (and compiles, if this length needs it)
+        for fn in times:
+            start = time.perf_counter()
+            fn(ids)
+            times[fn].append(time.perf_counter() - start)
+    return statistics.median(times[model][1:]), statistics.median(times[compiled][1:])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="local checkpoint folder "
                         "(default: the embedded tiny Qwen3-Next)")
     parser.add_argument("--prompt", default="import os\n\n\ndef ", help="the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--prefill-tokens", type=int, default=512,
+                        help="prompt length of the prefill timing (text of Python's os.py; 0: skip)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--state-layout", choices=["auto", "kv", "vk"], default="auto")
     parser.add_argument("--backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
@@ -96,11 +113,17 @@ def main(argv: list[str] | None = None) -> None:
         model.generation_config.eos_token_id = None
         eager_generate(model, ids, 4)  # warm-up, as for graphdelta
         theirs, hf_prefill, hf_step = eager_generate(model, ids, args.max_new_tokens)
-    print("== speed on this machine (same prompt, greedy)")
-    print(f"{'':22s}{'prefill tok/s':>15s}{'decode tok/s':>15s}")
-    print(f"{'transformers eager':22s}{ids.shape[1] / hf_prefill:15.0f}{1 / hf_step:15.1f}")
-    print(f"{'graphdelta':22s}{ids.shape[1] / our_prefill:15.0f}{1 / our_step:15.1f}"
-          f"   ({hf_prefill / our_prefill:.2f}x, {hf_step / our_step:.2f}x)")
+    print("== speed on this machine")
+    print(f"{'':22s}{'first token (ms)':>17s}{'decode tok/s':>15s}   (greedy, the prompt above)")
+    print(f"{'transformers eager':22s}{hf_prefill * 1e3:17.1f}{1 / hf_step:15.1f}")
+    print(f"{'graphdelta':22s}{our_prefill * 1e3:17.1f}{1 / our_step:15.1f}   (decode {hf_step / our_step:.2f}x)")
+    if args.prefill_tokens > 0:
+        # A few-token prompt times little but call overhead; a long one times the prefill itself.
+        text = inspect.getsource(os)[: 4 * args.prefill_tokens]  # >= 1 token per 4 characters
+        long_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.prefill_tokens]
+        eager_s, compiled_s = prefill_seconds(model, compiled, long_ids)
+        print(f"prefill of {long_ids.shape[1]} tokens (os.py): transformers eager {eager_s * 1e3:.1f} ms, "
+              f"graphdelta.compile {compiled_s * 1e3:.1f} ms ({eager_s / compiled_s:.2f}x)")
     match = ours == theirs
     print(f"greedy tokens match transformers eager: {'yes' if match else 'NO'} ({len(ours)} tokens)")
     if not match:

@@ -162,6 +162,17 @@ def default_probe(model: nn.Module, length: int = 20) -> None:
     model(input_ids=ids, use_cache=False)
 
 
+def _dense(x: Any) -> Any:
+    """``x`` with row-major strides; ``contiguous()`` would keep the stride of a size-1 dim."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return x if x.stride() == tuple(reversed(strides)) else x.clone(memory_format=torch.contiguous_format)
+
+
 class CompiledModel(nn.Module):
     """The compiled model: ``forward`` runs the Dynamo-compiled model with its layers calling
     the graphdelta drop-ins. The wrapped model is left as it was outside these calls."""
@@ -195,6 +206,10 @@ class CompiledModel(nn.Module):
                     "model, uncompiled. Call the model under torch.no_grad() or "
                     "torch.inference_mode() to run the compiled graphs.", stacklevel=2)
             return self.model(*args, **kwargs)
+        # Dynamo guards on input strides: a prompt sliced out of a longer batch (ids[:, :n]) would
+        # compile a graph of its own. Token ids, masks and positions are small to copy.
+        args = tuple(_dense(a) for a in args)
+        kwargs = {k: _dense(v) for k, v in kwargs.items()}
         # Prefill, cached prefill and decode are separate graphs of the same code objects, and
         # several compiled models share transformers' code: Dynamo's default recompile limit (8
         # per code object) would silently send later graphs to eager.
