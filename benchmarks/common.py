@@ -17,9 +17,26 @@ import torch
 RESULTS = Path(os.environ.get("GRAPHDELTA_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for ``device``'s queued work: ``torch.cuda.synchronize`` on CUDA, else nothing."""
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+def add_device_arguments(parser) -> None:
+    """``--device`` (default: the GPU if there is one) and ``--dtype`` of a model benchmark."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="default: bfloat16 on a GPU, float32 on CPU")
+
+
+def model_dtype(args) -> torch.dtype:
+    """The dtype ``add_device_arguments``' options ask for."""
+    return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronized when a GPU is in use)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = synchronizer("cuda" if torch.cuda.is_available() else "cpu")
     for _ in range(warmup):
         fn()
     sync()

@@ -35,15 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import RESULTS  # noqa: E402
+from common import RESULTS, add_device_arguments, model_dtype, synchronizer  # noqa: E402
 
 CONFIGS = {"tiny": dict(hidden=128, layers=4), "mid": dict(hidden=1024, layers=8),
            "realistic": dict(realistic=True, layers=8)}  # Qwen3-Next's dimensions (tests/models.py)
 MODES = ("eager", "torch_compile", "graphdelta")
-
-
-def _dtype(args) -> torch.dtype:
-    return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
 
 
 def _build(family: str, config: str, mode: str, device: str, dtype: torch.dtype):
@@ -65,7 +61,7 @@ def _call(fn, model, length: int, seed: int = 0) -> tuple[float, torch.Tensor]:
     import models
 
     ids = models.tokens(length, seed=seed, vocab=model.config.vocab_size).to(model.device)
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync = synchronizer(ids.device.type)
     sync()
     start = time.perf_counter()
     logits = fn(ids, use_cache=False).logits
@@ -82,7 +78,7 @@ def run_mode(args, mode: str) -> dict:
     def save():
         out_path.write_text(json.dumps(result))
 
-    model, fn = _build(args.family, args.config, mode, args.device, _dtype(args))
+    model, fn = _build(args.family, args.config, mode, args.device, model_dtype(args))
     start = time.perf_counter()
     passes_s = fn.plan.seconds if mode == "graphdelta" else 0.0  # recognition, counted as compile time
     result["passes_s"] = passes_s
@@ -113,7 +109,7 @@ def table(results: list[dict], args) -> str:
     by = {r["mode"]: r for r in results}
     lines = [
         f"family {args.family}, config {args.config} {CONFIGS[args.config]}, {args.device}, "
-        f"{_dtype(args)}, CPU threads {torch.get_num_threads()}, torch {torch.__version__}",
+        f"{model_dtype(args)}, CPU threads {torch.get_num_threads()}, torch {torch.__version__}",
         "",
         "| mode | " + " | ".join(f"prefill {n} (s)" for n in args.prefill)
         + f" | compile, lengths {','.join(map(str, args.compile_lengths))} (s) | graphs | max rel err |",
@@ -176,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--timeout", type=float, default=1500, help="seconds per mode")
     parser.add_argument("--warm-caches", action="store_true", help="let inductor reuse kernels it cached on disk")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="default: bfloat16 on a GPU, float32 on CPU")
+    add_device_arguments(parser)
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--partial", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

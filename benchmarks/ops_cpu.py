@@ -11,6 +11,7 @@ import argparse
 import sys
 
 import torch
+
 import graphdelta as gd
 from graphdelta.fuzz import transformers_chunk
 from common import median_time, write_results

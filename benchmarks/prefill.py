@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import write_results  # noqa: E402
+from common import add_device_arguments, model_dtype, synchronizer, write_results  # noqa: E402
 
 CONFIGS = {"tiny": dict(hidden=128, layers=4), "mid": dict(hidden=1024, layers=8),
            "realistic": dict(realistic=True, layers=8)}
@@ -47,7 +47,7 @@ def measure(family: str, config: str, lengths: list[int], rounds: int, names: li
 
     model = models.build(family, **CONFIGS[config], device=device, dtype=dtype)
     vocab = model.config.vocab_size
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     modes = {"eager": model}
     if "torch_compile" in names:
         modes["torch_compile"] = torch.compile(model)
@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--modes", default="eager,graphdelta",
                         help="eager and graphdelta always; add torch_compile to include it")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="default: bfloat16 on a GPU, float32 on CPU")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = model_dtype(args)
     names = ["eager", *(["torch_compile"] if "torch_compile" in args.modes.split(",") else []), "graphdelta"]
 
     rows = measure(args.family, args.config, args.lengths, args.rounds, names, args.device, dtype)

@@ -13,9 +13,9 @@ their values that a traced graph cannot make, so it builds the mask there too.
 graphdelta compiles, it never exports, so while its compiled forward runs transformers'
 masking code is told so. Older transformers (5.17, the GPU image's) asks ``is_tracing(mask)``
 instead, which is True under any ``torch.compile`` even when there is no mask to read; it is
-told that only a traced mask is traced, which is the newer versions' own condition. And when the caller passes no ``position_ids``, the model makes them
-itself as one ``arange`` per row, which holds no packed sequences, and the masking code is told
-that as well. Every other condition transformers checks stays as it is: a padding mask that
+told that only a traced mask is traced, which is the newer versions' own condition. And when
+the caller passes no ``position_ids``, the model makes them itself as one ``arange`` per row,
+which holds no packed sequences, and the masking code is told that as well. Every other condition transformers checks stays as it is: a padding mask that
 Dynamo traces as a tensor, a cache with earlier tokens or a sliding window still get an
 explicit mask.
 """

@@ -388,7 +388,7 @@ class HybridForward(nn.Module):
             positions = batch.positions()
             if getattr(self.rotary, "mrope_section", None) is not None:
                 # Qwen3.5's multimodal rotary takes (temporal, height, width) positions; text
-                # tokens have the same one on all three (transformers before 5.2x won't broadcast)
+                # tokens have the same one on all three (5.23 broadcasts a single row, 5.17 does not)
                 positions = positions.expand(3, *positions.shape)
             rope = self.rotary(x, positions)
         for layer, mixer in zip(self.base.layers, self.mixers):
