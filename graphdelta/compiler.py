@@ -271,7 +271,9 @@ def compile(
     Args:
         model: a transformers ``Qwen3NextForCausalLM``, ``Qwen3_5ForCausalLM``,
             ``Qwen3_5MoeForCausalLM``, ``KimiLinearForCausalLM``, the image-text
-            ``Qwen3_5[Moe]ForConditionalGeneration``, or any module whose layers call such
+            ``Qwen3_5[Moe]ForConditionalGeneration``, a later hybrid (``OlmoHybridForCausalLM``,
+            ``BailingHybridForCausalLM``, ``Qwen4ExpForCausalLM``,
+            ``Glm5NextForConditionalGeneration``), or any module whose layers call such
             functions.
         state_layout: ``"auto"`` (measured per device), ``"kv"`` or ``"vk"``: the layout of the
             recurrent state in the kernels and in the cache of every replaced layer.

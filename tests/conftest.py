@@ -1,6 +1,7 @@
 """Test set-up: Triton kernels run on CPU tensors under the interpreter when there is no GPU,
-and hypothesis runs a small example count by default (profile ``ci``; ``fuzz`` for long runs,
-chosen with HYPOTHESIS_PROFILE=fuzz)."""
+hypothesis runs a small example count by default (profile ``ci``; ``fuzz`` for long runs,
+chosen with HYPOTHESIS_PROFILE=fuzz), and tests marked ``slow`` run only with
+GRAPHDELTA_SLOW=1."""
 import os
 
 import torch
@@ -31,3 +32,12 @@ def poisoned():
     write shows up."""
     with poisoned_allocations():
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("GRAPHDELTA_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set GRAPHDELTA_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -144,3 +144,68 @@ def image_prompt(length: int, grid: tuple[int, int] = (4, 4), seed: int = 1) -> 
     pixels = torch.randn(grid[0] * grid[1], 3 * 2 * 16 * 16, generator=g)
     return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, *grid]]),
                 mm_token_type_ids=kinds)
+
+
+# Hybrids that transformers added after the four families above. graphdelta has no code of its
+# own for them: its passes recognize their layers structurally (tests/test_compile_newer.py).
+# Qwen4-Exp and GLM-5-Next replace full attention by "indexed_attention" (a token indexer in
+# front of attention) and GLM-5-Next ships as an image-text model only.
+NEWER_FAMILIES = {
+    "olmo_hybrid": "OlmoHybridForCausalLM",  # GDN, separate q/k/v projections, beta in [0, 2], V = 2K
+    "bailing_hybrid": "BailingHybridForCausalLM",  # KDA with a lower-bounded gate, MLA attention
+    "qwen4_exp": "Qwen4ExpForCausalLM",  # GDN, hyper-connections, indexed attention
+    "glm5_next": "Glm5NextForConditionalGeneration",  # KDA, hyper-connections, indexed MLA
+}
+
+
+def newer_available(family: str) -> bool:
+    import transformers as tf
+
+    return hasattr(tf, NEWER_FAMILIES[family])
+
+
+def newer_config(family: str, layers: int = 2, **overrides):
+    """A tiny config of a ``NEWER_FAMILIES`` model: hidden 128, linear and full (or indexed)
+    attention layers alternating, GVA ratio 2 for the GDN families. ``overrides`` go to the
+    (text) config: ``rope_parameters={"rope_type": "default", "rope_theta": None}`` gives
+    OLMo-Hybrid's released form, without rotary embeddings (NoPE)."""
+    import transformers as tf
+
+    kinds = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    tokens = dict(vocab_size=512, pad_token_id=0, eos_token_id=2, max_position_embeddings=4096)
+    gdn = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32)
+    common = dict(hidden_size=128, num_hidden_layers=layers, layer_types=kinds, **tokens, **overrides)
+    if family == "olmo_hybrid":
+        return tf.OlmoHybridConfig(**common, **gdn, linear_value_head_dim=64, intermediate_size=256,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    if family == "qwen4_exp":
+        return tf.Qwen4ExpTextConfig(
+            **common, **gdn, linear_value_head_dim=32, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+            shared_expert_intermediate_size=128, hc_lowrank=32, indexer_n_heads=2, indexer_kv_heads=1,
+            indexer_head_dim=32, indexer_budget=32, indexer_compress_ratio=4)
+    mla = dict(num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, v_head_dim=32,
+               intermediate_size=256, moe_intermediate_size=64, num_experts_per_tok=2,
+               mlp_layer_types=["dense"] + ["sparse"] * (layers - 1))
+    if family == "bailing_hybrid":
+        return tf.BailingHybridConfig(**common, **mla, qk_rope_head_dim=16, qk_nope_head_dim=16, head_dim=32,
+                                      n_group=1, topk_group=1, num_local_experts=4, num_mtp_layers=0)
+    if family == "glm5_next":
+        text = tf.Glm5NextTextConfig(**common, **mla, q_lora_rank=32, qk_rope_head_dim=0, qk_nope_head_dim=32,
+                                     n_routed_experts=4, index_topk=32, index_head_dim=32, index_n_heads=2,
+                                     linear_head_dim=32, linear_num_heads=4)
+        vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=128,
+                      projection_intermediate_size=64)
+        special = dict(image_token_id=500, video_token_id=501, image_start_token_id=502, image_end_token_id=503,
+                       video_start_token_id=504, video_end_token_id=505)
+        return tf.Glm5NextConfig(text_config=text.to_dict(), vision_config=vision, **special)
+    raise ValueError(f"unknown family {family!r}; known: {tuple(NEWER_FAMILIES)}")
+
+
+def build_newer(family: str, layers: int = 2, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialized tiny ``NEWER_FAMILIES`` model in eval mode, float32."""
+    import transformers as tf
+
+    cfg = newer_config(family, layers, **overrides)
+    torch.manual_seed(seed)
+    return getattr(tf, NEWER_FAMILIES[family])(cfg).float().eval()

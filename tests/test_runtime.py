@@ -8,12 +8,15 @@ import graphdelta
 from graphdelta.runtime import Runner
 from graphdelta.runtime.generate import runner_for, sample
 
-from models import build, build_multimodal, tokens
+from models import build, build_multimodal, build_newer, newer_available, tokens
 
-PARITY_FAMILIES = ["qwen3_next", "qwen3_5", "kimi_linear"]
-# prefill + decode logits only: the MoE variant of Qwen3.5, and Qwen3.5's image-text model
-# (``*ForConditionalGeneration``, as its checkpoints load) on text
-LOGIT_FAMILIES = ["qwen3_5_moe", "qwen3_5_image_text"]
+# olmo_hybrid: a later family (models.NEWER_FAMILIES): post-norm attention layers, NoPE or
+# rotary, GDN with V = 2K and beta up to 2
+PARITY_FAMILIES = ["qwen3_next", "qwen3_5", "kimi_linear", "olmo_hybrid"]
+# prefill + decode logits only: the MoE variant of Qwen3.5, Qwen3.5's image-text model
+# (``*ForConditionalGeneration``, as its checkpoints load) on text, and OLMo-Hybrid as released,
+# without rotary embeddings
+LOGIT_FAMILIES = ["qwen3_5_moe", "qwen3_5_image_text", "olmo_hybrid_nope"]
 PROMPT_LENGTHS = [(7, 1), (19, 2), (12, 3)]  # (length, seed)
 NEW_TOKENS = 32
 ATOL = 2e-5
@@ -23,7 +26,15 @@ _models: dict = {}
 
 def model(family: str):
     if family not in _models:
-        _models[family] = build_multimodal("qwen3_5") if family == "qwen3_5_image_text" else build(family)
+        if family == "qwen3_5_image_text":
+            _models[family] = build_multimodal("qwen3_5")
+        elif family.startswith("olmo_hybrid"):
+            if not newer_available("olmo_hybrid"):
+                pytest.skip("this transformers has no OlmoHybridForCausalLM")
+            nope = dict(rope_parameters={"rope_type": "default", "rope_theta": None}) if family.endswith("nope") else {}
+            _models[family] = build_newer("olmo_hybrid", layers=4, **nope)
+        else:
+            _models[family] = build(family)
     return _models[family]
 
 

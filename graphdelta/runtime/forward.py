@@ -143,6 +143,22 @@ class GatedAttention(Attention):
         return m.o_proj(o)
 
 
+class NormedAttention(Attention):
+    """OLMo-Hybrid attention: q and k RMS-normed over all heads at once (before the split into
+    heads), rotary unless the checkpoint has none (NoPE), no output gate."""
+
+    def forward(self, x: Tensor, batch: Batch, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        m = self.m
+        B, T = x.shape[:2]
+        q = m.q_norm(m.q_proj(x)).view(B, T, -1, m.head_dim)
+        k = m.k_norm(m.k_proj(x)).view(B, T, -1, m.head_dim)
+        v = m.v_proj(x).view(B, T, -1, m.head_dim)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        o = self.attend(batch.to_rows(q), batch.to_rows(k), batch.to_rows(v), batch, m.scaling)
+        return m.o_proj(batch.from_rows(o).reshape(B, T, -1))
+
+
 class LatentAttention(Attention):
     """Kimi Linear's MLA (no rotary): the cache holds the normed KV latent (as K) and the shared
     key part (as V); the module's ``expand_kv`` turns them into per-head keys and values."""
@@ -258,8 +274,10 @@ class LinearAttention(nn.Module):
 
 
 class GatedDeltaNet(LinearAttention):
-    """Qwen3-Next (q/k/v/z interleaved per key head in ``in_proj_qkvz``) and Qwen3.5 (separate
-    ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``)."""
+    """Qwen3-Next (q/k/v/z interleaved per key head in ``in_proj_qkvz``), Qwen3.5 (separate
+    ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``) and OLMo-Hybrid (``q_proj``,
+    ``k_proj``, ``v_proj``, ``g_proj`` for the output gate, and beta doubled to [0, 2] when the
+    config allows negative eigenvalues)."""
 
     def project(self, x):
         m = self.m
@@ -267,18 +285,24 @@ class GatedDeltaNet(LinearAttention):
         if hasattr(m, "in_proj_qkvz"):
             q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(x), m.in_proj_ba(x))
             mixed = torch.cat([t.reshape(B, T, -1) for t in (q, k, v)], dim=-1)
-        else:
+        elif hasattr(m, "in_proj_qkv"):
             mixed = m.in_proj_qkv(x)
             z = m.in_proj_z(x).reshape(B, T, -1, m.head_v_dim)
             b, a = m.in_proj_b(x), m.in_proj_a(x)
+        else:
+            mixed = torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], dim=-1)
+            z = m.g_proj(x).reshape(B, T, -1, m.head_v_dim)
+            b, a = m.b_proj(x), m.a_proj(x)
         g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias)
-        return mixed, g, b.sigmoid(), z
+        beta = b.sigmoid() * 2.0 if getattr(m, "allow_neg_eigval", False) else b.sigmoid()
+        return mixed, g, beta, z
 
     def finish(self, o, gate):
         m = self.m
         B, T = o.shape[:2]
-        o = m.norm(o.reshape(-1, m.head_v_dim), gate.reshape(-1, m.head_v_dim))
-        return m.out_proj(o.reshape(B, T, -1))
+        norm, out = (m.norm, m.out_proj) if hasattr(m, "out_proj") else (m.o_norm, m.o_proj)
+        o = norm(o.reshape(-1, m.head_v_dim), gate.reshape(-1, m.head_v_dim))
+        return out(o.reshape(B, T, -1))
 
 
 class KimiDeltaAttention(LinearAttention):
@@ -321,14 +345,16 @@ def _mixer(layer: nn.Module, kind: str, i: int, cache: HybridCache, index: int) 
         module = getattr(layer, "linear_attn", None) or getattr(layer, "self_attn", None)
         if module is not None and hasattr(module, "forget_gate"):
             return KimiDeltaAttention(module, cache, index)
-        if module is not None and (hasattr(module, "in_proj_qkvz") or hasattr(module, "in_proj_qkv")):
+        if module is not None and any(hasattr(module, p) for p in ("in_proj_qkvz", "in_proj_qkv", "g_proj")):
             return GatedDeltaNet(module, cache, index)
     else:
         module = getattr(layer, "self_attn", None)
         if module is not None and hasattr(module, "kv_a_proj_with_mqa"):
             return LatentAttention(module, cache, index)
         if module is not None and hasattr(module, "q_norm"):
-            return GatedAttention(module, cache, index)
+            # a per-head q norm (Qwen) has head_dim weights; OLMo's norms all heads together
+            per_head = module.q_norm.weight.shape[0] == module.head_dim
+            return (GatedAttention if per_head else NormedAttention)(module, cache, index)
     raise TypeError(f"layer {i} is {kind} per the config but holds no known {kind} module: {type(layer).__name__}")
 
 
@@ -392,16 +418,20 @@ class HybridForward(nn.Module):
                 positions = positions.expand(3, *positions.shape)
             rope = self.rotary(x, positions)
         for layer, mixer in zip(self.base.layers, self.mixers):
-            h = layer.input_layernorm(x)
+            # Pre-norm layers norm what goes into the mixer and the MLP. OLMo-Hybrid's attention
+            # layers (no input norm) norm what comes out of them instead, and there
+            # post_attention_layernorm belongs to the mixer, not to the MLP.
+            pre_norm = hasattr(layer, "input_layernorm")
+            h = layer.input_layernorm(x) if pre_norm else x
             if isinstance(mixer, LinearAttention):
                 h = mixer(h, batch, aux)
             else:
                 h = mixer(h, batch, rope)
-            x = x + h
-            h = layer.mlp(layer.post_attention_layernorm(x))
+            x = x + (h if pre_norm else layer.post_attention_layernorm(h))
+            h = layer.mlp(layer.post_attention_layernorm(x) if pre_norm else x)
             if isinstance(h, tuple):
                 h = h[0]
-            x = x + h
+            x = x + (h if pre_norm else layer.post_feedforward_layernorm(h))
         if last_only:
             x = x[0, batch.cu_seqlens[1:] - 1] if batch.packed else x[:, -1]
         return self.head(self.base.norm(x))

@@ -91,7 +91,7 @@ class LinearSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "qwen3_next", "qwen3_5" (also the MoE variant) or "kimi_linear"
+    family: str  # "qwen3_next", "qwen3_5" (also the MoE variant), "kimi_linear" or "olmo_hybrid"
     kinds: tuple[LayerKind, ...]
     attention: AttentionSpec
     linear: LinearSpec
@@ -111,8 +111,10 @@ class ModelSpec:
         config = text_config(config)
         model_type = getattr(config, "model_type", None)
         kinds = tuple(layer_kinds(config))
-        if model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe"):
-            family = "qwen3_next" if model_type == "qwen3_next" else "qwen3_5"
+        gdn = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe", "olmo_hybrid")
+        if model_type in gdn:
+            # OLMo-Hybrid: GDN with V = 2K; its attention norms q and k over all heads at once
+            family = model_type if model_type in ("qwen3_next", "olmo_hybrid") else "qwen3_5"
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             attention = AttentionSpec(config.num_key_value_heads, head_dim, head_dim)
             hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
@@ -127,7 +129,8 @@ class ModelSpec:
             linear = LinearSpec(3 * h * d, config.linear_conv_kernel_dim, h, d, d, True)
         else:
             raise NotImplementedError(
-                f"graphdelta's runtime supports Qwen3-Next, Qwen3.5 (dense and MoE) and Kimi Linear "
-                f"configs, got model_type={model_type!r}"
+                f"graphdelta's runtime supports Qwen3-Next, Qwen3.5 (dense and MoE), Kimi Linear and "
+                f"OLMo-Hybrid configs, got model_type={model_type!r}; compiled.generate (transformers' generate "
+                f"over graphdelta.compile's graphs) runs the others"
             )
         return cls(family, kinds, attention, linear, config.vocab_size, config.hidden_size)
