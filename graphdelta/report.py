@@ -61,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
+    from graphdelta.assets import auto_model_class
+
     config = transformers.AutoConfig.from_pretrained(args.path)
+    auto = auto_model_class(config)
     has_weights = os.path.isdir(args.path) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(args.path))
     if has_weights:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.path, dtype=torch.float32)
+        model = auto.from_pretrained(args.path, dtype=torch.float32)
     else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     model = model.float().eval()
     compiled = __import__("graphdelta").compile(model, backend=args.backend, state_layout=args.state_layout)
     vocab = config.get_text_config().vocab_size

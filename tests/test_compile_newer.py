@@ -69,3 +69,18 @@ def test_newer_family_is_fused_and_matches_eager(family):
     else:
         with pytest.raises(NotImplementedError, match="runtime"):
             graphdelta.generate(compiled, [prompt[0]], max_new_tokens=1)
+
+
+def test_image_text_only_models_load_through_the_image_text_auto_class():
+    """``graphdelta explain DIR`` and ``graphdelta generate --model DIR`` pick the auto class:
+    GLM-5-Next has no causal-LM class."""
+    import transformers
+
+    from graphdelta.assets import auto_model_class
+
+    assert auto_model_class(models.config("qwen3_next")) is transformers.AutoModelForCausalLM
+    if not models.newer_available("glm5_next"):
+        pytest.skip("this transformers has no GLM-5-Next")
+    assert auto_model_class(models.newer_config("glm5_next")) is transformers.AutoModelForImageTextToText
+    with pytest.raises(ValueError, match="ViTConfig"):  # an image classifier
+        auto_model_class(transformers.ViTConfig())
