@@ -352,9 +352,9 @@ def _mixer(layer: nn.Module, kind: str, i: int, cache: HybridCache, index: int) 
         if module is not None and hasattr(module, "kv_a_proj_with_mqa"):
             return LatentAttention(module, cache, index)
         if module is not None and hasattr(module, "q_norm"):
-            # a per-head q norm (Qwen) has head_dim weights; OLMo's norms all heads together
-            per_head = module.q_norm.weight.shape[0] == module.head_dim
-            return (GatedAttention if per_head else NormedAttention)(module, cache, index)
+            # Qwen's q_proj also holds the output gate: twice the width that o_proj reads
+            gated = module.q_proj.out_features == 2 * module.o_proj.in_features
+            return (GatedAttention if gated else NormedAttention)(module, cache, index)
     raise TypeError(f"layer {i} is {kind} per the config but holds no known {kind} module: {type(layer).__name__}")
 
 
