@@ -19,6 +19,7 @@ KNOWN_UNSUPPORTED_TYPES = (
     "sliding_attention", "chunked_attention", "window_attention", "indexed_attention",
     "compressed_sparse_attention", "heavily_compressed_attention", "minimax_m3_sparse", "conv",
     "moe", "hybrid", "hybrid_sliding", "reference_sliding_attention", "sparse", "dense",
+    "qwen_sparse_attention", "deepseek_sparse_attention",  # transformers 5.17's Qwen4-Exp, GLM-5-Next
 )
 DEFAULT_FULL_ATTENTION_INTERVAL = 4  # transformers' default for Qwen3-Next and Qwen3.5
 
