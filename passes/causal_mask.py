@@ -15,9 +15,9 @@ masking code is told so. Older transformers (5.17, the GPU image's) asks ``is_tr
 instead, which is True under any ``torch.compile`` even when there is no mask to read; it is
 told that only a traced mask is traced, which is the newer versions' own condition. And when
 the caller passes no ``position_ids``, the model makes them itself as one ``arange`` per row,
-which holds no packed sequences, and the masking code is told that as well. Every other condition transformers checks stays as it is: a padding mask that
-Dynamo traces as a tensor, a cache with earlier tokens or a sliding window still get an
-explicit mask.
+which holds no packed sequences, and the masking code is told that as well. Every other
+condition transformers checks stays as it is: a padding mask that Dynamo traces as a tensor,
+a cache with earlier tokens or a sliding window still get an explicit mask.
 """
 from __future__ import annotations
 

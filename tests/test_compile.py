@@ -120,12 +120,13 @@ def test_one_prefill_graph_for_all_lengths(family):
     name, model, compiled = family
     if name != "qwen3_5":
         pytest.skip("one family is enough: the graph count does not depend on the family")
+    exercised(family)
     before = len(compiled.graph_log.graphs)
     for length in ONE_GRAPH_LENGTHS:
         compiled(models.tokens(length), use_cache=False)
     compiled(models.tokens(700)[:, :300], use_cache=False)  # a slice: strides of a longer prompt
     new = compiled.graph_log.graphs[before:]
-    # LENGTHS already compiled the no-cache prefill graph: no length or stride here needs another.
+    # exercised compiled the no-cache prefill graph: no length or stride here needs another.
     assert new == [], [g.reason for g in new]
     ids = models.tokens(ONE_GRAPH_LENGTHS[-1])
     assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < RTOL

@@ -402,6 +402,10 @@ class HybridForward(nn.Module):
             mixers.append(_mixer(layer, kind, i, cache, counters[kind]))
             counters[kind] += 1
         self.mixers = nn.ModuleList(mixers)
+        # Pre-norm layers norm what goes into the mixer and the MLP. OLMo-Hybrid's attention
+        # layers (no input norm) norm what comes out of them instead, and there
+        # post_attention_layernorm belongs to the mixer, not to the MLP.
+        self.pre_norm = [hasattr(layer, "input_layernorm") for layer in self.base.layers]
         self.experts_configs = experts_configs(model)
 
     def forward(self, tokens: Tensor, batch: Batch, aux: list | None = None, last_only: bool = False) -> Tensor:
@@ -417,11 +421,7 @@ class HybridForward(nn.Module):
                 # tokens have the same one on all three (5.23 broadcasts a single row, 5.17 does not)
                 positions = positions.expand(3, *positions.shape)
             rope = self.rotary(x, positions)
-        for layer, mixer in zip(self.base.layers, self.mixers):
-            # Pre-norm layers norm what goes into the mixer and the MLP. OLMo-Hybrid's attention
-            # layers (no input norm) norm what comes out of them instead, and there
-            # post_attention_layernorm belongs to the mixer, not to the MLP.
-            pre_norm = hasattr(layer, "input_layernorm")
+        for layer, mixer, pre_norm in zip(self.base.layers, self.mixers, self.pre_norm):
             h = layer.input_layernorm(x) if pre_norm else x
             if isinstance(mixer, LinearAttention):
                 h = mixer(h, batch, aux)
