@@ -7,7 +7,7 @@ Each family: every linear-attention function is replaced (no warning), generate 
 tokens and logits through a cached prefill and decode steps, a prompt without a cache gives
 eager's logits, and the graphs hold graphdelta's ops and nothing of the chunk pipeline. The
 state is kept in the vk layout, where V != K shows a transposed read. graphdelta's own runtime
-runs OLMo-Hybrid and refuses the others with an error naming them.
+runs OLMo-Hybrid and Bailing-Hybrid and refuses the others with an error naming them.
 
 Qwen4-Exp and GLM-5-Next are marked slow (1-2 minutes each): transformers' token indexer in
 their attention layers loops over query tokens with data-dependent shapes, and Dynamo splits
@@ -61,9 +61,9 @@ def test_newer_family_is_fused_and_matches_eager(family):
     for g in graphs:
         assert not g.leftovers and g.matmuls == 0, (g.index, g.leftovers, g.matmuls)
 
-    # the fixed-address runtime is written per family: OLMo-Hybrid's gives transformers' tokens
-    # (tests/test_runtime.py), the others are refused by name
-    if family == "olmo_hybrid":
+    # the fixed-address runtime is written per family: OLMo-Hybrid's and Bailing-Hybrid's give
+    # transformers' tokens (tests/test_runtime.py), the others are refused by name
+    if family in ("olmo_hybrid", "bailing_hybrid"):
         tokens = graphdelta.generate(compiled, [prompt[0]], max_new_tokens=4, eos_token_id=[])
         assert tokens == [out.sequences[0, 40:].tolist()]
     else:

@@ -10,9 +10,10 @@ from graphdelta.runtime.generate import runner_for, sample
 
 from models import build, build_multimodal, build_newer, newer_available, tokens
 
-# olmo_hybrid: a later family (models.NEWER_FAMILIES): post-norm attention layers, NoPE or
-# rotary, GDN with V = 2K and beta up to 2
-PARITY_FAMILIES = ["qwen3_next", "qwen3_5", "kimi_linear", "olmo_hybrid"]
+# the later families (models.NEWER_FAMILIES) the runtime runs: olmo_hybrid (post-norm attention
+# layers, NoPE or rotary, GDN with V = 2K and beta up to 2) and bailing_hybrid (MLA with
+# interleaved rotary and a gate per head, KDA with a lower-bounded gate, transformers 5.23)
+PARITY_FAMILIES = ["qwen3_next", "qwen3_5", "kimi_linear", "olmo_hybrid", "bailing_hybrid"]
 # prefill + decode logits only: the MoE variant of Qwen3.5, Qwen3.5's image-text model
 # (``*ForConditionalGeneration``, as its checkpoints load) on text, and OLMo-Hybrid as released,
 # without rotary embeddings
@@ -33,6 +34,10 @@ def model(family: str):
                 pytest.skip("this transformers has no OlmoHybridForCausalLM")
             nope = dict(rope_parameters={"rope_type": "default", "rope_theta": None}) if family.endswith("nope") else {}
             _models[family] = build_newer("olmo_hybrid", layers=4, **nope)
+        elif family == "bailing_hybrid":
+            if not newer_available(family):
+                pytest.skip("this transformers has no BailingHybridForCausalLM")
+            _models[family] = build_newer(family, layers=4)
         else:
             _models[family] = build(family)
     return _models[family]

@@ -89,6 +89,17 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([xr * cos + torch.cat([-x2, x1], dim=-1) * sin, xp], dim=-1)
 
 
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """DeepSeek's rotary on ``x`` ``[..., T, heads, rot]``: dims (2i, 2i + 1) form pair i,
+    rotated by angle i; the result lists the pairs' first parts, then their second parts, as
+    transformers writes it (a fixed permutation of both q and k leaves their products as they
+    are). ``cos``/``sin`` ``[..., T, rot]`` repeat each angle's value in their two halves."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half].unsqueeze(-2), sin[..., :half].unsqueeze(-2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -160,13 +171,15 @@ class NormedAttention(Attention):
 
 
 class LatentAttention(Attention):
-    """Kimi Linear's MLA (no rotary): the cache holds the normed KV latent (as K) and the shared
-    key part (as V); the module's ``expand_kv`` turns them into per-head keys and values."""
+    """MLA: the cache holds the normed KV latent (as K) and the shared key part (as V); the
+    module's ``expand_kv`` turns them into per-head keys and values. Kimi Linear's has no rotary;
+    Bailing-Hybrid's rotates the shared key part and the query's last dims DeepSeek's way
+    (interleaved pairs) and gates each head's output by a sigmoid of ``g_proj``."""
 
-    def forward(self, x: Tensor, batch: Batch, rope) -> Tensor:
+    def forward(self, x: Tensor, batch: Batch, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         m = self.m
         B, T = x.shape[:2]
-        if m.q_lora_rank is None:
+        if getattr(m, "q_lora_rank", None) is None:
             q = m.q_proj(x)
         else:
             q = m.q_b_proj(m.q_a_layernorm(m.q_a_proj(x)))
@@ -174,9 +187,16 @@ class LatentAttention(Attention):
         latent, k_rot = torch.split(m.kv_a_proj_with_mqa(x), [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         latent = m.kv_a_layernorm(latent).view(B, T, 1, m.kv_lora_rank)
         k_rot = k_rot.view(B, T, 1, m.qk_rope_head_dim)
+        if rope is not None:
+            q_pass, q_rot = torch.split(q, [m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+            q = torch.cat([q_pass, rotate_pairs(q_rot, *rope)], dim=-1)
+            k_rot = rotate_pairs(k_rot, *rope)
         o = self.attend(batch.to_rows(q), batch.to_rows(latent), batch.to_rows(k_rot), batch, m.scaling,
                         expand=m.expand_kv)
-        return m.o_proj(batch.from_rows(o).reshape(B, T, -1))
+        o = batch.from_rows(o)  # [B, T, H, v_head_dim]
+        if hasattr(m, "g_proj"):
+            o = o * torch.sigmoid(m.g_proj(x).float()).to(o.dtype).unsqueeze(-1)
+        return m.o_proj(o.reshape(B, T, -1))
 
 
 # ----------------------------------------------------------------------------- linear attention
@@ -306,15 +326,18 @@ class GatedDeltaNet(LinearAttention):
 
 
 class KimiDeltaAttention(LinearAttention):
-    """Kimi Linear's KDA: a decay per key channel from the low-rank forget gate."""
+    """KDA: a decay per key channel from the forget gate module (Kimi Linear's low-rank one;
+    Bailing-Hybrid's bounded below), output gate from a low-rank (Kimi) or full (Bailing)
+    projection."""
 
     def project(self, x):
         m = self.m
         B, T = x.shape[:2]
         mixed = torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], dim=-1)
-        g = m.forget_gate(x)  # [B, T, H, K] float32
+        g = m.forget_gate(x)  # [B, T, H, K]
         beta = torch.sigmoid(m.b_proj(x))
-        gate = m.g_b_proj(m.g_a_proj(x)).view(B, T, -1, m.head_dim)
+        gate = m.g_proj(x) if hasattr(m, "g_proj") else m.g_b_proj(m.g_a_proj(x))
+        gate = gate.view(B, T, -1, m.head_dim)
         return mixed, g, beta, gate
 
     def finish(self, o, gate):

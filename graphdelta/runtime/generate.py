@@ -91,8 +91,8 @@ def generate(
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
-        model: a transformers hybrid causal LM (Qwen3-Next, Qwen3.5, Kimi Linear, OLMo-Hybrid)
-            or what ``graphdelta.compile`` returned for one.
+        model: a transformers hybrid causal LM (Qwen3-Next, Qwen3.5, Kimi Linear, OLMo-Hybrid,
+            Bailing-Hybrid) or what ``graphdelta.compile`` returned for one.
         prompts: token ids, one sequence per prompt (lists, 1-D tensors, or a 2-D tensor).
         temperature, top_k, top_p: sampling (``temperature=0``: greedy).
         eos_token_id: token(s) that end a sequence; None takes the model's generation config,

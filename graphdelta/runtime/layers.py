@@ -92,7 +92,7 @@ class LinearSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "qwen3_next", "qwen3_5" (also the MoE variant), "kimi_linear" or "olmo_hybrid"
+    family: str  # "qwen3_next", "qwen3_5" (also the MoE variant), "kimi_linear", "olmo_hybrid" or "bailing_hybrid"
     kinds: tuple[LayerKind, ...]
     attention: AttentionSpec
     linear: LinearSpec
@@ -123,15 +123,16 @@ class ModelSpec:
             if hv % hk:
                 raise ValueError(f"linear_num_value_heads={hv} must be a multiple of linear_num_key_heads={hk}")
             linear = LinearSpec(2 * hk * dk + hv * dv, config.linear_conv_kernel_dim, hv, dk, dv, False)
-        elif model_type == "kimi_linear":
-            family = "kimi_linear"
+        elif model_type in ("kimi_linear", "bailing_hybrid"):
+            # KDA and MLA; Bailing-Hybrid's MLA has rotary keys, its KDA gate a lower bound
+            family = model_type
             attention = AttentionSpec(1, config.kv_lora_rank, config.qk_rope_head_dim)
             h, d = config.linear_num_heads, config.linear_head_dim
             linear = LinearSpec(3 * h * d, config.linear_conv_kernel_dim, h, d, d, True)
         else:
             raise NotImplementedError(
-                f"graphdelta's runtime supports Qwen3-Next, Qwen3.5 (dense and MoE), Kimi Linear and "
-                f"OLMo-Hybrid configs, got model_type={model_type!r}; compiled.generate (transformers' generate "
-                f"over graphdelta.compile's graphs) runs the others"
+                f"graphdelta's runtime supports Qwen3-Next, Qwen3.5 (dense and MoE), Kimi Linear, "
+                f"OLMo-Hybrid and Bailing-Hybrid configs, got model_type={model_type!r}; compiled.generate "
+                f"(transformers' generate over graphdelta.compile's graphs) runs the others"
             )
         return cls(family, kinds, attention, linear, config.vocab_size, config.hidden_size)
