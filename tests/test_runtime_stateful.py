@@ -8,8 +8,8 @@ moves the attention part but not the recurrent part, a chunked prefill that star
 zeroed state, a fork that copies too little, a snapshot that outlives the tokens it was taken
 at) shows up as a wrong logit at the next call on that slot. Calls the cache must refuse
 (truncating to a length it holds no snapshot for, restoring a stale snapshot) are checked to
-raise and to change nothing. Tiny fp32 models on CPU (tests/models.py); a few hundred calls per
-family in the ``ci`` hypothesis profile."""
+raise and to change nothing. Tiny fp32 models on CPU (tests/models.py) of three families; a few
+hundred calls per family in the ``ci`` hypothesis profile."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from graphdelta.runtime import Runner
 from graphdelta.runtime.cache import Snapshot
 
-from models import build
+from models import build, build_newer, newer_available
 
 MAX_SEQS = 3
 MAX_LEN = 48
@@ -36,7 +36,7 @@ _models: dict = {}
 
 def model(family: str) -> torch.nn.Module:
     if family not in _models:
-        _models[family] = build(family)
+        _models[family] = build_newer(family, layers=4) if family == "bailing_hybrid" else build(family)
     return _models[family]
 
 
@@ -227,6 +227,10 @@ class KimiMachine(RunnerMachine):
     family, state_layout = "kimi_linear", "kv"
 
 
+class BailingMachine(RunnerMachine):
+    family, state_layout = "bailing_hybrid", "vk"
+
+
 class TestQwen3NextVK(QwenMachine.TestCase):
     """GDN with GVA ratio 2, MoE, gated attention; the recurrent state stored transposed."""
 
@@ -235,5 +239,12 @@ class TestQwen3NextVK(QwenMachine.TestCase):
 
 class TestKimiLinearKV(KimiMachine.TestCase):
     """KDA (a decay per key channel) and MLA attention, the state in the kv layout."""
+
+    settings = STEPS
+
+
+@pytest.mark.skipif(not newer_available("bailing_hybrid"), reason="this transformers has no BailingHybridForCausalLM")
+class TestBailingHybridVK(BailingMachine.TestCase):
+    """KDA with a lower-bounded gate, MLA whose keys are rotated at their positions."""
 
     settings = STEPS
