@@ -72,8 +72,11 @@ class RunnerMachine(RuleBasedStateMachine):
     def cut(self, slot: int, length: int) -> None:
         """The slot now holds its first ``length`` tokens: longer snapshots of it go stale."""
         del self.history[slot][length:]
+        self.stale(slot, longer_than=length)
+
+    def stale(self, slot: int, longer_than: int) -> None:
         for s in self.saved:
-            if s.snapshot.slot == slot and len(s.tokens) > length:
+            if s.snapshot.slot == slot and len(s.tokens) > longer_than:
                 s.valid = False
 
     def probe(self, slot: int, token: int) -> None:
@@ -104,9 +107,7 @@ class RunnerMachine(RuleBasedStateMachine):
         slot = data.draw(st.sampled_from(sorted(self.history)))
         self.runner.free(slot)
         del self.history[slot]
-        for s in self.saved:
-            if s.snapshot.slot == slot:
-                s.valid = False
+        self.stale(slot, longer_than=-1)
 
     @precondition(lambda self: self.history)
     @rule(data=st.data())
@@ -208,8 +209,6 @@ class RunnerMachine(RuleBasedStateMachine):
 
     @invariant()
     def lengths_and_snapshots_agree(self):
-        if not hasattr(self, "runner"):
-            return
         for slot, tokens in self.history.items():
             assert self.runner.cache.length(slot) == len(tokens), (slot, tokens)
         for s in self.saved:
