@@ -1,6 +1,8 @@
 """graphdelta.compile on the transformers hybrid families: logits and cache against eager, the
 graphdelta ops in the compiled graph and nothing of the chunk pipeline left, one prefill graph
-for every prompt length, both state layouts.
+for every prompt length, both state layouts, the graphs' ops on the Triton kernels (under the
+interpreter; ``test_compile_cuda.py`` runs the GPU's inductor and kernels), GDN head shapes
+beyond the tiny configs'.
 
 Each family compiles once (module-scoped fixture). Qwen3-Next goes through ``aot_eager``
 (Dynamo and AOT autograd over the graphdelta ops: their fakes and the functionalized in-place
@@ -9,6 +11,7 @@ graph on 2 CPU cores, so one test runs it, on one prefill graph.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -73,6 +76,59 @@ def test_cache_matches_eager(family):
     ref_state = ref2.past_key_values.layers[layer].recurrent_states[0]
     out_state = out2.past_key_values.layers[layer].recurrent_states[0]
     assert rel_err(out_state, ref_state) < RTOL
+
+
+TRITON_MODULES = {
+    "chunk_gated_delta_rule": "triton_chunk", "recurrent_gated_delta_rule": "triton_recurrent",
+    "causal_conv1d": "triton_conv", "causal_conv1d_update": "triton_conv", "gated_rms_norm": "triton_norm",
+}
+
+
+def spy_implementations(monkeypatch) -> dict[str, set[str]]:
+    """Records, per graphdelta op, the modules of the implementations its calls ran."""
+    import graphdelta.ops
+
+    used: dict[str, set[str]] = {}
+    real = graphdelta.ops.implementation
+
+    def spy(op, t):
+        fn = real(op, t)
+        used.setdefault(op, set()).add(fn.__module__.rsplit(".", 1)[-1])
+        return fn
+
+    monkeypatch.setattr(graphdelta.ops, "implementation", spy)
+    return used
+
+
+@torch.no_grad()
+def test_triton_lowering_matches_eager(family, monkeypatch):
+    """The compiled graphs with every graphdelta op on its Triton kernel (the GPU's lowering; on
+    CPU under the interpreter): eager's logits and recurrent state after a prefill into a cache
+    and a decode step. The graphs are the ones the torch path ran, so this checks the arguments
+    the passes hand the ops (strides, layout, the cache's state updated in place) on the kernels."""
+    name, model, compiled = family
+    if name not in ("qwen3_next", "kimi_linear"):
+        pytest.skip("one GDN and one KDA family: the Qwen3.5 families call the same ops")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the model is on the CPU and Triton is not interpreted (test_compile_cuda.py on GPU)")
+    exercised(family)  # the graphs exist: only kernels run below (the interpreter: ~10 s)
+    used = spy_implementations(monkeypatch)
+    monkeypatch.setenv("GRAPHDELTA_BACKEND", "triton")
+    prefill, step = CACHED
+    ids, nxt = models.tokens(prefill), models.tokens(step, seed=7)
+    before = len(compiled.graph_log.graphs)
+    ref = model(ids, use_cache=True)
+    out = compiled(ids, use_cache=True)
+    assert rel_err(out.logits, ref.logits) < RTOL
+    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+    assert rel_err(out2.logits, ref2.logits) < RTOL
+    layer = next(lp for lp in compiled.plan.layers if lp.regions).layer.module.layer_idx
+    ref_state = ref2.past_key_values.layers[layer].recurrent_states[0]
+    assert rel_err(out2.past_key_values.layers[layer].recurrent_states[0], ref_state) < RTOL
+    assert compiled.graph_log.graphs[before:] == []
+    # Every graphdelta op of the graphs ran, and on its Triton kernel only.
+    assert used == {op: {module} for op, module in TRITON_MODULES.items()}
 
 
 @torch.no_grad()
@@ -319,3 +375,33 @@ def test_inductor_matches_eager_and_inlines_the_norm_and_conv(monkeypatch):
     # Dynamo may restart a trace once when the backend asks (the log says why): one graph ran.
     assert len([g for g in graphs if "; backend gave up" not in g.reason]) == 1
     assert real_calls == []
+
+
+# GDN head shapes beyond the tiny configs' (GVA ratio 2, K = V): as many value heads as key
+# heads, and three value heads per key head with V = 2K.
+HEAD_SHAPES = {
+    "ratio_1": dict(linear_num_key_heads=2, linear_num_value_heads=2),
+    "ratio_3_v_2k": dict(linear_num_key_heads=2, linear_num_value_heads=6, linear_value_head_dim=64),
+}
+
+
+@pytest.mark.parametrize("shape", list(HEAD_SHAPES))
+@torch.no_grad()
+def test_other_head_shapes_are_fused(shape):
+    import transformers
+
+    cfg = models.config("qwen3_5")
+    for key, value in HEAD_SHAPES[shape].items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(cfg).eval()
+    compiled = compile_fused(model, backend="eager", state_layout="vk")
+    assert compiled.plan.counters["gated_delta_chunk"] == 3, compiled.plan.counters
+    for length in (1, 65):
+        ids = models.tokens(length, batch=2)
+        assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < RTOL, length
+    ids, nxt = models.tokens(70), models.tokens(1, seed=3)
+    ref, out = model(ids, use_cache=True), compiled(ids, use_cache=True)
+    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+    assert rel_err(out.logits, ref.logits) < RTOL and rel_err(out2.logits, ref2.logits) < RTOL
