@@ -288,8 +288,14 @@ def compile(
         A ``CompiledModel`` whose ``forward`` gives the logits and cache of ``model``, and whose
         ``generate`` is transformers' ``model.generate`` running on the compiled forward.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
     if state_layout not in ("auto", "kv", "vk"):
         raise ValueError(f"state_layout must be 'auto', 'kv' or 'vk', got {state_layout!r}")
+    if dynamic not in (True, False, None):
+        raise ValueError(f"dynamic must be True, False or None, got {dynamic!r}")
+    if backend not in BACKENDS:  # before the passes' probe runs the model
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     start = time.perf_counter()
     plan = passes.run(Plan(model, probe or default_probe, state_layout))
     plan.seconds = time.perf_counter() - start

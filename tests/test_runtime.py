@@ -1,12 +1,14 @@
 """The runtime against transformers and against itself: greedy parity with ``model.generate``,
 slot isolation, chunked == one-shot prefill, snapshots, truncation atomicity, speculative
 rollback, sampling and streaming. Tiny fp32 models on CPU (tests/models.py)."""
+import re
+
 import pytest
 import torch
 
 import graphdelta
 from graphdelta.runtime import Runner
-from graphdelta.runtime.generate import runner_for, sample
+from graphdelta.runtime.generate import generate, runner_for, sample
 
 from models import build, build_multimodal, build_newer, newer_available, tokens
 
@@ -275,6 +277,28 @@ def test_truncate_without_snapshot_fails_and_changes_nothing(qwen):
     runner.allocate(), runner.allocate()
     with pytest.raises(RuntimeError, match="all 3 cache slots are in use"):
         runner.cache.fork(s)
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda r, s: r.prefill([s], [[1, 600]]), ValueError, "the piece for slot 0 holds token id 600, outside the vocabulary [0, 512)"),
+    (lambda r, s: r.decode([s], [-1]), ValueError, "decode tokens holds token id -1, outside the vocabulary [0, 512)"),
+    (lambda r, s: r.decode([s], [3, 4]), ValueError, "decode needs one token per slot, got 2 tokens for slots [0]"),
+    (lambda r, s: r.verify([s], torch.tensor([[1.0, 2.0]])), TypeError, "verify tokens must be integer token ids, got dtype torch.float32"),
+    (lambda r, s: generate(r.model, "def f", runner=r), TypeError, "prompts must be token ids, one sequence per prompt, got str 'def f'"),
+    (lambda r, s: generate(r.model, [[5], [7, 512]], max_new_tokens=2, runner=r), ValueError, "prompt 1 holds token id 512, outside the vocabulary [0, 512)"),
+    (lambda r, s: generate(r.model, [[5]], max_new_tokens=-1, runner=r), ValueError, "max_new_tokens must be an int >= 0, got -1"),
+])
+def test_bad_tokens_raise_and_change_nothing(qwen, call, error, message):
+    """An id outside the vocabulary would read past the embedding table (inside a graph replay
+    on CUDA): it is refused by name before anything runs."""
+    runner = Runner(qwen, max_seqs=2, max_len=32)
+    s = runner.allocate()
+    runner.prefill([s], [[1, 2, 3]])
+    before = cache_copy(runner)
+    with pytest.raises(error, match=re.escape(message)):
+        call(runner, s)
+    assert runner.cache.length(s) == 3 and runner.cache.allocator.available == 1
+    assert all(torch.equal(b, a) for b, a in zip(before, runner.cache.buffers()))
 
 
 # ----------------------------------------------------------------------------- speculative

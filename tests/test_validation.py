@@ -91,6 +91,19 @@ def test_unknown_backend_raises(monkeypatch):
         gd.chunk_gated_delta_rule(**BASE)
 
 
+@pytest.mark.parametrize("model,kwargs,error,message", [
+    ("model", {}, TypeError, "model must be a torch.nn.Module, got str: 'model'"),
+    (None, dict(state_layout="kvv"), ValueError, "state_layout must be 'auto', 'kv' or 'vk', got 'kvv'"),
+    (None, dict(backend="cudagraphs"), ValueError, "backend must be one of ('inductor', 'aot_eager', 'eager'), "
+     "got 'cudagraphs'"),
+    (None, dict(dynamic="yes"), ValueError, "dynamic must be True, False or None, got 'yes'"),
+])
+def test_bad_compile_arguments_raise(model, kwargs, error, message):
+    """Checked before the passes run the model (a module that is never called suffices)."""
+    with pytest.raises(error, match=_escape(message)):
+        gd.compile(torch.nn.Identity() if model is None else model, **kwargs)
+
+
 def _escape(s: str) -> str:
     import re
 

@@ -8,13 +8,14 @@ free their slot for the next prompt.
 from __future__ import annotations
 
 import collections
+import operator
 import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from graphdelta.runtime.runner import Runner, compiled_state_layout, unwrap
+from graphdelta.runtime.runner import Runner, compiled_state_layout, token_ids, unwrap
 
 _runners: "weakref.WeakKeyDictionary[torch.nn.Module, Runner]" = weakref.WeakKeyDictionary()
 
@@ -109,11 +110,21 @@ def generate(
     Returns:
         The new tokens of each prompt, in prompt order (ending with the EOS token if one came).
     """
-    prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1).tolist() for p in prompts]
+    try:  # an int, or a numpy or 0-d tensor one
+        count = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)
+    except TypeError:
+        count = None
+    if count is None or count < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    max_new_tokens = count
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"prompts must be token ids, one sequence per prompt, got {type(prompts).__name__} "
+                        f"{prompts[:40]!r}: tokenize it first")
+    prompts = [token_ids(p, f"prompt {i}").reshape(-1).tolist() for i, p in enumerate(prompts)]
     if any(len(p) == 0 for p in prompts):
         raise ValueError(f"empty prompt at index {[len(p) for p in prompts].index(0)}")
     outputs: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens <= 0 or not prompts:
+    if max_new_tokens == 0 or not prompts:
         return outputs
     longest = max(len(p) for p in prompts) + max_new_tokens
     if runner is None:
@@ -121,6 +132,8 @@ def generate(
     if longest > runner.cache.max_len:
         raise ValueError(f"a prompt of {longest - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                          f"the cache's max_len={runner.cache.max_len}")
+    for i, p in enumerate(prompts):  # before any slot is taken
+        token_ids(p, f"prompt {i}", runner.vocab)
     limit = min(max_batch, runner.max_batch)  # sequences in flight
     eos = _eos_ids(runner.model, eos_token_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

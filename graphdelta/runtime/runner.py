@@ -43,6 +43,22 @@ def compiled_state_layout(model: Any) -> str | None:
     return layouts.pop() if len(layouts) == 1 else None
 
 
+def token_ids(tokens: Any, what: str, vocab: int | None = None) -> Tensor:
+    """``tokens`` as a long tensor, refused with an error naming ``what`` when it is text,
+    non-integer, or (given ``vocab``) holds an id outside ``[0, vocab)``: such an id would read
+    past the embedding table, inside a graph replay on CUDA."""
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"{what} must be token ids, got {type(tokens).__name__} {tokens[:40]!r}: tokenize it first")
+    t = torch.as_tensor(tokens)
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{what} must be integer token ids, got dtype {t.dtype}")
+    t = t.long()
+    if vocab is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        bad = int(t[(t < 0) | (t >= vocab)][0])
+        raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab})")
+    return t
+
+
 def buckets(max_batch: int) -> list[int]:
     """Batch sizes with a step of their own: powers of two up to ``max_batch`` (and it)."""
     out, b = [], 1
@@ -105,6 +121,7 @@ class Runner:
         param = next(self.model.parameters())
         self.device = param.device
         self.spec = ModelSpec.from_config(self.model.config)
+        self.vocab = self.model.get_input_embeddings().num_embeddings
         self.cache = HybridCache(self.spec, CacheConfig(max_seqs, max_len, param.dtype, param.device, state_layout))
         self.forward = HybridForward(self.model, self.cache)
         self.max_batch = min(max_batch or max_seqs, max_seqs)
@@ -142,7 +159,7 @@ class Runner:
             raise ValueError(f"prefill needs one piece per slot, got {len(slots)} slots and {len(pieces)} pieces")
         if len(set(slots)) != len(slots):
             raise ValueError(f"prefill slots must be distinct, got {list(slots)}")
-        pieces = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in pieces]
+        pieces = [token_ids(p, f"the piece for slot {slot}", self.vocab).reshape(-1) for slot, p in zip(slots, pieces)]
         lengths = [int(p.numel()) for p in pieces]
         for slot, n in zip(slots, lengths):
             if n == 0:
@@ -172,7 +189,10 @@ class Runner:
     @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int] | Tensor) -> Tensor:
         """One token for each slot; returns the next-token logits ``[B, V]``."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(len(slots), 1)
+        tokens = token_ids(tokens, "decode tokens", self.vocab)
+        if tokens.numel() != len(slots):
+            raise ValueError(f"decode needs one token per slot, got {tokens.numel()} tokens for slots {list(slots)}")
+        tokens = tokens.reshape(len(slots), 1)
         logits, _ = self._step(slots, tokens, keep=False)
         return logits[:, 0]
 
@@ -180,7 +200,7 @@ class Runner:
     def verify(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
         """Run ``[B, k + 1]`` tokens (the last accepted token and k drafts) per slot, keeping the
         state after each; returns their logits ``[B, k + 1, V]``. Call ``accept`` next."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        tokens = token_ids(tokens, "verify tokens", self.vocab)
         if tokens.dim() != 2 or tokens.shape[0] != len(slots):
             raise ValueError(f"verify needs tokens [B={len(slots)}, k + 1], got shape {list(tokens.shape)}")
         starts = [self.cache.length(s) for s in slots]
