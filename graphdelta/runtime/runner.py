@@ -46,14 +46,16 @@ def compiled_state_layout(model: Any) -> str | None:
 def token_ids(tokens: Any, what: str, vocab: int | None = None) -> Tensor:
     """``tokens`` as a long tensor, refused with an error naming ``what`` when it is text,
     non-integer, or (given ``vocab``) holds an id outside ``[0, vocab)``: such an id would read
-    past the embedding table, inside a graph replay on CUDA."""
+    past the embedding table, inside a graph replay on CUDA. Ids already on a GPU are not
+    range-checked: reading them would wait for the device at every step, and ids sampled there
+    from the model's logits are in range."""
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"{what} must be token ids, got {type(tokens).__name__} {tokens[:40]!r}: tokenize it first")
     t = torch.as_tensor(tokens)
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise TypeError(f"{what} must be integer token ids, got dtype {t.dtype}")
     t = t.long()
-    if vocab is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+    if vocab is not None and t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
         bad = int(t[(t < 0) | (t >= vocab)][0])
         raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab})")
     return t
