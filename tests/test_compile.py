@@ -239,15 +239,18 @@ def test_generate_matches_transformers(family):
 @settings(max_examples=max(4, settings().max_examples // 4))
 @torch.no_grad()
 def test_random_padded_batches_match_eager(family, data):
-    """Drawn batches: 1-3 prompts of one drawn length with drawn left padding (as transformers'
-    generate pads), a prefill into a cache and 0-2 decode steps. The logits of every real
+    """Drawn batches: 2-3 prompts of one drawn length with drawn left padding (as transformers'
+    generate pads), a prefill into a cache and 0-2 decode steps (batch 1, which Dynamo
+    specializes into graphs of its own, is the other tests'). The logits of every real
     token match eager's; the graphs are the compiled model's shared ones, so after the first
     examples nothing compiles and every call checks the fused graphs on new shapes. It runs
     after the tests that inspect every graph (padded prompts need a masked SDPA)."""
     name, model, compiled = family
     if name not in ("qwen3_5", "kimi_linear"):
         pytest.skip("one GDN and one KDA family: the padding code is transformers' own")
-    batch = data.draw(st.integers(1, 3), label="batch")
+    if name == "kimi_linear" and os.environ.get("GRAPHDELTA_SLOW") != "1":
+        pytest.skip("slow: set GRAPHDELTA_SLOW=1 to run it (its padded graphs compile for ~20 s)")
+    batch = data.draw(st.integers(2, 3), label="batch")
     length = data.draw(st.integers(1, 150), label="length")
     pads = data.draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch), label="left pads")
     steps = data.draw(st.integers(0, 2), label="decode steps")
