@@ -62,9 +62,9 @@ def test_logits_match_eager(family):
         assert rel_err(out, ref) < RTOL, (name, length)
 
 
-@torch.no_grad()
-def test_cache_matches_eager(family):
-    name, model, compiled = family
+def check_cached_prefill_and_step(name, model, compiled) -> None:
+    """The ``CACHED`` prefill into a cache, then a decode step: eager's logits after each, and
+    eager's recurrent state in the first replaced layer."""
     prefill, step = CACHED
     ids = models.tokens(prefill)
     ref = model(ids, use_cache=True)
@@ -78,6 +78,11 @@ def test_cache_matches_eager(family):
     ref_state = ref2.past_key_values.layers[layer].recurrent_states[0]
     out_state = out2.past_key_values.layers[layer].recurrent_states[0]
     assert rel_err(out_state, ref_state) < RTOL
+
+
+@torch.no_grad()
+def test_cache_matches_eager(family):
+    check_cached_prefill_and_step(*family)
 
 
 TRITON_MODULES = {
@@ -116,18 +121,8 @@ def test_triton_lowering_matches_eager(family, monkeypatch):
     exercised(family)  # the graphs exist: only kernels run below (the interpreter: ~10 s)
     used = spy_implementations(monkeypatch)
     monkeypatch.setenv("GRAPHDELTA_BACKEND", "triton")
-    prefill, step = CACHED
-    ids, nxt = models.tokens(prefill), models.tokens(step, seed=7)
     before = len(compiled.graph_log.graphs)
-    ref = model(ids, use_cache=True)
-    out = compiled(ids, use_cache=True)
-    assert rel_err(out.logits, ref.logits) < RTOL
-    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
-    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
-    assert rel_err(out2.logits, ref2.logits) < RTOL
-    layer = next(lp for lp in compiled.plan.layers if lp.regions).layer.module.layer_idx
-    ref_state = ref2.past_key_values.layers[layer].recurrent_states[0]
-    assert rel_err(out2.past_key_values.layers[layer].recurrent_states[0], ref_state) < RTOL
+    check_cached_prefill_and_step(name, model, compiled)
     assert compiled.graph_log.graphs[before:] == []
     # Every graphdelta op of the graphs ran, and on its Triton kernel only.
     assert used == {op: {module} for op, module in TRITON_MODULES.items()}
