@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
+import re
 import time
 import warnings
 from typing import Any, Callable
@@ -42,6 +43,7 @@ from graphdelta.runtime.layers import text_config
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 RECOMPILE_LIMIT = 64
+SIZE_ONE_GUARDS = (r"^2 <= .*size\(\)\[\d+\]$", r"size mismatch at index \d+\. expected 1,")
 LEFTOVER_OPS = ("solve_triangular",)  # what the chunked pipeline leaves when it is not fused
 
 
@@ -59,6 +61,24 @@ class GraphRecord:
     attention: dict[str, int] = dataclasses.field(default_factory=dict)  # SDPA calls: "unmasked" / "masked"
     seconds: float = 0.0
     norm_gates: int = 0  # gated norms given their gate unflattened (passes/norm_gate.py)
+    compile_id: str = ""  # Dynamo's "frame/compile" id, as its guard failures name the graph
+
+
+def _guard_text(failure: str) -> str:
+    """Dynamo's first line for a failed guard (``guard  # user code  # file.py:N in fn (...)``)
+    as the guard, where the model's code made it, and a gloss of the guards users meet most."""
+    parts = [p.strip() for p in failure.splitlines()[0].split("  # ")]
+    text = parts[0]
+    where = [m.group(0) for p in parts[1:] if (m := re.search(r"[\w./-]+\.py:\d+ in \w+", p))]
+    if where:
+        text += f" (at {where[-1]})"
+    if hint := re.search(r"\(HINT: [^)]*\)", failure):
+        text += f" {hint.group(0)}"
+    if "kwargs" in parts[0]:
+        text += ": keyword arguments differ from that graph's"
+    elif any(re.search(pattern, parts[0]) for pattern in SIZE_ONE_GUARDS):
+        text += ": a size of 1 gets graphs of its own (Dynamo specializes sizes 0 and 1)"
+    return text
 
 
 class GraphLog:
@@ -71,24 +91,34 @@ class GraphLog:
         # the linear-attention layers' classes; matmuls elsewhere (rotary embeddings) don't count
         self.layer_classes = layer_classes
         self.graphs: list[GraphRecord] = []
-        self._seen_failures = 0
         self.pending = ""
 
     def _in_layer(self, node: torch.fx.Node) -> bool:
         stack = node.meta.get("nn_module_stack") or {}
         return any(cls in self.layer_classes for _, cls in stack.values())
 
-    def _reason(self) -> str:
-        failures = [r for reasons in torch._dynamo.utils.guard_failures.values() for r in reasons]
-        new, self._seen_failures = failures[self._seen_failures:], len(failures)
+    def _reason(self, compile_id: Any) -> str:
         if self.pending:
             reason, self.pending = self.pending, ""
             return reason
         if not self.graphs:
             return "first call"
-        if new:
-            return "guard failed: " + " | ".join(str(r).strip().splitlines()[0] for r in new[-1:])
-        return "new code path (different branch or graph break)"
+        # Dynamo logs why each cache entry of the frame missed, prefixed by the entry's compile
+        # id ("3/1: ..."), when it recompiles the frame. Only this model's entries count (other
+        # compiled models share transformers' code objects); each one's latest failure is why
+        # it missed this time.
+        ours = {g.compile_id for g in self.graphs}
+        frame = f"{compile_id.frame_id}/" if compile_id is not None else None
+        latest: dict[str, str] = {}
+        for reasons in torch._dynamo.utils.guard_failures.values():
+            for r in reasons:
+                entry, _, text = str(r).strip().partition(": ")
+                if frame and entry.startswith(frame) and entry in ours:
+                    latest[entry] = _guard_text(text)
+        if not latest:
+            return "new code path (different branch or graph break)"
+        order = sorted(latest, key=lambda e: int(e.rsplit("/", 1)[1]))
+        return "guard failed: " + " | ".join(f"{e}: {latest[e]}" for e in order)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         ops: collections.Counter[str] = collections.Counter()
@@ -112,8 +142,9 @@ class GraphLog:
         inputs = [
             str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs[:6]
         ]
-        record = GraphRecord(len(self.graphs), self._reason(), len(gm.graph.nodes), dict(ops),
-                             dict(leftovers), matmuls, inputs, dict(attention))
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        record = GraphRecord(len(self.graphs), self._reason(compile_id), len(gm.graph.nodes), dict(ops),
+                             dict(leftovers), matmuls, inputs, dict(attention), compile_id=str(compile_id or ""))
         self.graphs.append(record)
         start = time.perf_counter()
         record.norm_gates = unflatten_norm_gates(gm)
@@ -175,7 +206,8 @@ def _dense(x: Any) -> Any:
 
 class CompiledModel(nn.Module):
     """The compiled model: ``forward`` runs the Dynamo-compiled model with its layers calling
-    the graphdelta drop-ins. The wrapped model is left as it was outside these calls."""
+    the graphdelta drop-ins. The wrapped model (``.model``) is left as it was outside these
+    calls; its other attributes (``device``, ``dtype``, ``generation_config``, ...) read through."""
 
     def __init__(self, model: nn.Module, plan: Plan, backend: GraphLog, dynamic: bool | None,
                  compile_kwargs: dict[str, Any]):
@@ -228,6 +260,17 @@ class CompiledModel(nn.Module):
     @property
     def config(self):
         return getattr(self.model, "config", None)
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module finds parameters, buffers and submodules. Anything else is read from the
+        # wrapped model (device, dtype, generation_config, get_input_embeddings, ...), as code
+        # written for a transformers model expects.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__("model"), name)
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):

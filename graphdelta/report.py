@@ -40,7 +40,7 @@ def explain(compiled: CompiledModel) -> str:
         left = ", ".join(f"{k} x{v}" for k, v in g.leftovers.items()) or "none"
         attention = ", ".join(f"{v} {k}" for k, v in sorted(g.attention.items())) or "none"
         lines.append(
-            f"  graph {g.index}: {g.nodes} nodes, {ops}; left over: {left}; "
+            f"  graph {g.index} (Dynamo {g.compile_id or '?'}): {g.nodes} nodes, {ops}; left over: {left}; "
             f"{g.matmuls} matmuls in linear-attention layers; attention: {attention}; "
             f"norm gates kept unflattened: {g.norm_gates}; backend {g.seconds:.1f} s"
         )

@@ -364,6 +364,29 @@ def test_explain_reports_layers_and_graphs(family):
     assert "state layout: kv" in text
     assert f"graphs compiled so far: {len(compiled.graph_log.graphs)}" in text
     assert "compiled because: first call" in text
+    # a recompile names the guards that missed: those of this model's earlier graphs of the frame
+    graphs = compiled.graph_log.graphs
+    recompiles = [g for g in graphs if g.reason.startswith("guard failed: ")]
+    assert recompiles, [g.reason for g in graphs]
+    ids = {g.compile_id for g in graphs}
+    for g in recompiles:
+        frame, n = g.compile_id.split("/")
+        for failure in g.reason.removeprefix("guard failed: ").split(" | "):
+            entry = failure.split(": ")[0]
+            assert entry in ids and entry.split("/")[0] == frame and int(entry.split("/")[1]) < int(n), \
+                (g.compile_id, failure)
+
+
+def test_compiled_model_reads_through_to_the_model(family):
+    from graphdelta.runtime.runner import unwrap
+
+    _, model, compiled = family
+    assert compiled.device == model.device and compiled.dtype == model.dtype
+    assert compiled.generation_config is model.generation_config
+    assert compiled.get_input_embeddings() is model.get_input_embeddings()
+    assert unwrap(compiled) is model and unwrap(model) is model
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        compiled.no_such_attribute
 
 
 def test_report_command_line(tmp_path, capsys):

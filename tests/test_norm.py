@@ -6,8 +6,6 @@ launch stays under ~20 programs.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import example, given, strategies as st

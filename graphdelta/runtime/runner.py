@@ -29,7 +29,10 @@ WINDOW_BLOCK = 64  # CPU steps read the cache up to the longest sequence, rounde
 def unwrap(model: Any) -> nn.Module:
     """The transformers model behind ``model`` (itself, or what ``graphdelta.compile`` wrapped)."""
     inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and not hasattr(model, "lm_head") and hasattr(inner, "lm_head"):
+    # A wrapper holds the LM as .model; an LM's own .model is its decoder, and the LM holds the
+    # head itself (hasattr would not tell: graphdelta's wrapper reads attributes through).
+    own_head = isinstance(model, nn.Module) and "lm_head" in model._modules
+    if isinstance(inner, nn.Module) and not own_head and hasattr(inner, "lm_head"):
         return inner
     if isinstance(model, nn.Module):
         return model
