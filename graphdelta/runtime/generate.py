@@ -120,7 +120,8 @@ def generate(
     if isinstance(prompts, (str, bytes)):
         raise TypeError(f"prompts must be token ids, one sequence per prompt, got {type(prompts).__name__} "
                         f"{prompts[:40]!r}: tokenize it first")
-    prompts = [token_ids(p, f"prompt {i}").reshape(-1).tolist() for i, p in enumerate(prompts)]
+    ids = [token_ids(p, f"prompt {i}").reshape(-1) for i, p in enumerate(prompts)]
+    prompts = [t.tolist() for t in ids]
     if any(len(p) == 0 for p in prompts):
         raise ValueError(f"empty prompt at index {[len(p) for p in prompts].index(0)}")
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -132,8 +133,8 @@ def generate(
     if longest > runner.cache.max_len:
         raise ValueError(f"a prompt of {longest - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                          f"the cache's max_len={runner.cache.max_len}")
-    for i, p in enumerate(prompts):  # before any slot is taken
-        token_ids(p, f"prompt {i}", runner.vocab)
+    for i, t in enumerate(ids):  # the vocabulary is the runner's: checked before any slot is taken
+        token_ids(t, f"prompt {i}", runner.vocab)
     limit = min(max_batch, runner.max_batch)  # sequences in flight
     eos = _eos_ids(runner.model, eos_token_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
