@@ -23,10 +23,7 @@ naming the layer. ``graphdelta.explain(compiled)`` reports what happened.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import inspect
-import re
 import time
 import warnings
 from typing import Any, Callable
@@ -34,163 +31,82 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from graphdelta import passes
+from graphdelta import hf, passes
 from graphdelta.passes import discover
 from graphdelta.passes.causal_mask import causal_sdpa
 from graphdelta.passes.norm_gate import unflatten_norm_gates
 from graphdelta.passes.plan import Plan
+from graphdelta.report import GraphLog
 from graphdelta.runtime.layers import text_config
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 RECOMPILE_LIMIT = 64
-SIZE_ONE_GUARDS = (r"^2 <= .*size\(\)\[\d+\]$", r"size mismatch at index \d+\. expected 1,")
-LEFTOVER_OPS = ("solve_triangular",)  # what the chunked pipeline leaves when it is not fused
 
 
-@dataclasses.dataclass
-class GraphRecord:
-    """One graph Dynamo handed to the backend."""
-
-    index: int
-    reason: str  # why it was compiled: first call, or the guard that failed
-    nodes: int
-    graphdelta_ops: dict[str, int]
-    leftovers: dict[str, int]  # ops that a full fusion removes (solve_triangular, cumsum)
-    matmuls: int  # matmul / bmm / einsum nodes in linear-attention layers (a fused layer has none)
-    inputs: list[str]
-    attention: dict[str, int] = dataclasses.field(default_factory=dict)  # SDPA calls: "unmasked" / "masked"
-    seconds: float = 0.0
-    norm_gates: int = 0  # gated norms given their gate unflattened (passes/norm_gate.py)
-    compile_id: str = ""  # Dynamo's "frame/compile" id, as its guard failures name the graph
-
-
-def _guard_text(failure: str) -> str:
-    """Dynamo's first line for a failed guard (``guard  # user code  # file.py:N in fn (...)``)
-    as the guard, where the model's code made it, and a gloss of the guards users meet most."""
-    parts = [p.strip() for p in failure.splitlines()[0].split("  # ")]
-    text = parts[0]
-    where = [m.group(0) for p in parts[1:] if (m := re.search(r"[\w./-]+\.py:\d+ in \w+", p))]
-    if where:
-        text += f" (at {where[-1]})"
-    if hint := re.search(r"\(HINT: [^)]*\)", failure):
-        text += f" {hint.group(0)}"
-    if "kwargs" in parts[0]:
-        text += ": keyword arguments differ from that graph's"
-    elif any(re.search(pattern, parts[0]) for pattern in SIZE_ONE_GUARDS):
-        text += ": a size of 1 gets graphs of its own (Dynamo specializes sizes 0 and 1)"
-    return text
-
-
-class GraphLog:
-    """A backend in front of ``inner`` that records every graph it is asked to compile."""
-
-    def __init__(self, inner: str, layer_classes: tuple[type, ...] = ()):
-        if inner not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {inner!r}")
-        self.inner = inner
-        # the linear-attention layers' classes; matmuls elsewhere (rotary embeddings) don't count
-        self.layer_classes = layer_classes
-        self.graphs: list[GraphRecord] = []
-        self.pending = ""
-
-    def _in_layer(self, node: torch.fx.Node) -> bool:
-        stack = node.meta.get("nn_module_stack") or {}
-        return any(cls in self.layer_classes for _, cls in stack.values())
-
-    def _reason(self, compile_id: Any) -> str:
-        if self.pending:
-            reason, self.pending = self.pending, ""
-            return reason
-        if not self.graphs:
-            return "first call"
-        # Dynamo logs why each cache entry of the frame missed, prefixed by the entry's compile
-        # id ("3/1: ..."), when it recompiles the frame. Only this model's entries count (other
-        # compiled models share transformers' code objects); each one's latest failure is why
-        # it missed this time.
-        ours = {g.compile_id for g in self.graphs}
-        frame = f"{compile_id.frame_id}/" if compile_id is not None else None
-        latest: dict[str, str] = {}
-        for reasons in torch._dynamo.utils.guard_failures.values():
-            for r in reasons:
-                entry, _, text = str(r).strip().partition(": ")
-                if frame and entry.startswith(frame) and entry in ours:
-                    latest[entry] = _guard_text(text)
-        if not latest:
-            return "new code path (different branch or graph break)"
-        order = sorted(latest, key=lambda e: int(e.rsplit("/", 1)[1]))
-        return "guard failed: " + " | ".join(f"{e}: {latest[e]}" for e in order)
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        ops: collections.Counter[str] = collections.Counter()
-        leftovers: collections.Counter[str] = collections.Counter()
-        attention: collections.Counter[str] = collections.Counter()
-        matmuls = 0
-        for node in gm.graph.nodes:
-            if node.op != "call_function":
-                continue
-            name = str(getattr(node.target, "__name__", node.target))
-            qualified = str(node.target)
-            if "graphdelta" in qualified:
-                ops[qualified.replace("graphdelta.", "graphdelta::").split("graphdelta::")[-1].split(".")[0]] += 1
-            if any(s in name for s in LEFTOVER_OPS):
-                leftovers[name] += 1
-            if name in ("matmul", "bmm", "mm", "einsum", "__matmul__") and self._in_layer(node):
-                matmuls += 1
-            if name == "scaled_dot_product_attention":
-                masked = (len(node.args) > 3 and node.args[3] is not None) or node.kwargs.get("attn_mask") is not None
-                attention["masked" if masked else "unmasked"] += 1
-        inputs = [
-            str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs[:6]
-        ]
-        compile_id = torch._guards.CompileContext.current_compile_id()
-        record = GraphRecord(len(self.graphs), self._reason(compile_id), len(gm.graph.nodes), dict(ops),
-                             dict(leftovers), matmuls, inputs, dict(attention), compile_id=str(compile_id or ""))
-        self.graphs.append(record)
-        start = time.perf_counter()
-        record.norm_gates = unflatten_norm_gates(gm)
-        try:
-            if self.inner == "inductor":
-                from torch._inductor.compile_fx import compile_fx
-
-                from torch._inductor.decomposition import select_decomp_table
-
-                from graphdelta.ops import inductor_decompositions
-
-                table = {**select_decomp_table(), **inductor_decompositions()}
-                compiled = compile_fx(gm, example_inputs, decompositions=table)
-            elif self.inner == "aot_eager":
-                compiled = torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
-            else:
-                compiled = gm.forward
-        except Exception as e:
-            # Dynamo may catch this and trace the frame again (e.g. to specialize a size):
-            # the next record then says why.
-            message = (str(e).strip().splitlines() or [""])[0][:160]
-            record.reason += f"; backend gave up ({type(e).__name__}: {message})"
-            self.pending = f"retrace after the backend gave up on graph {record.index} ({type(e).__name__})"
-            raise
-        finally:
-            record.seconds = time.perf_counter() - start
-        return compiled
+def _vocab_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    # Multimodal wrappers (Qwen3.5's *ForConditionalGeneration) keep it in their text config.
+    return getattr(text_config(config), "vocab_size", None) if config is not None else None
 
 
 def default_probe(model: nn.Module, length: int = 20) -> None:
     """A causal LM probe: prefill into a cache, continue it, one decode step, prefill without a
     cache. Together these reach every gated-delta and conv function of a transformers hybrid."""
-    config = getattr(model, "config", None)
-    # Multimodal wrappers (Qwen3.5's *ForConditionalGeneration) keep it in their text config.
-    vocab = getattr(text_config(config), "vocab_size", None) if config is not None else None
+    vocab = _vocab_size(model)
     if vocab is None:
-        raise ValueError(
-            f"{type(model).__name__} has no config.vocab_size; pass probe=fn(model) that runs a "
-            "few representative forward calls (prefill with and without a cache, one decode step)"
-        )
+        raise ValueError(f"{type(model).__name__} has no config.vocab_size to build token ids from")
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = hf.cache_kwarg(model)
     out = model(input_ids=ids, use_cache=True)
-    out = model(input_ids=ids[:, :5], past_key_values=out.past_key_values, use_cache=True)
-    model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    out = model(input_ids=ids[:, :5], **{cache: hf.output_cache(out)}, use_cache=True)
+    model(input_ids=ids[:, :1], **{cache: hf.output_cache(out)}, use_cache=True)
     model(input_ids=ids, use_cache=False)
+
+
+def call_class(args: tuple, kwargs: dict) -> tuple:
+    """What makes two calls of a model take different code paths, as far as their arguments
+    tell: the structure of containers and objects, which arguments are None, the ranks and
+    dtypes of tensors and which of their sizes are 1 (Dynamo specializes those too)."""
+
+    def shape_of(x: Any, depth: int = 0) -> Any:
+        if isinstance(x, torch.Tensor):
+            return ("tensor", x.dim(), x.dtype, tuple(s == 1 for s in x.shape))
+        if depth > 3:
+            return type(x).__name__
+        if isinstance(x, (list, tuple)):
+            return (type(x).__name__, tuple(shape_of(i, depth + 1) for i in x))
+        if isinstance(x, dict):
+            return ("dict", tuple(sorted((repr(k), shape_of(v, depth + 1)) for k, v in x.items())))
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, (int, float)):
+            return type(x).__name__
+        return type(x).__name__
+
+    return shape_of(args), shape_of(kwargs)
+
+
+def inner_backend(name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable]:
+    """The backend that compiles the rewritten graph: inductor (with the CPU decompositions of
+    graphdelta's norm and conv, so that it fuses them with their neighbours), aot_eager or eager."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        if name == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+            from torch._inductor.decomposition import select_decomp_table
+
+            from graphdelta.ops import inductor_decompositions
+
+            table = {**select_decomp_table(), **inductor_decompositions()}
+            return compile_fx(gm, example_inputs, decompositions=table)
+        if name == "aot_eager":
+            return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+        return gm.forward
+
+    return compile_graph
 
 
 def _dense(x: Any) -> Any:
@@ -207,23 +123,58 @@ def _dense(x: Any) -> Any:
 class CompiledModel(nn.Module):
     """The compiled model: ``forward`` runs the Dynamo-compiled model with its layers calling
     the graphdelta drop-ins. The wrapped model (``.model``) is left as it was outside these
-    calls; its other attributes (``device``, ``dtype``, ``generation_config``, ...) read through."""
+    calls; its other attributes (``device``, ``dtype``, ``generation_config``, ...) read through.
 
-    def __init__(self, model: nn.Module, plan: Plan, backend: GraphLog, dynamic: bool | None,
-                 compile_kwargs: dict[str, Any]):
+    Without a probe (a model with no ``config.vocab_size`` and no ``probe=``), the first call of
+    each kind (``call_class``) runs the model eagerly with its calls recorded, which is that
+    call's answer; recognition then covers what it reached, and later calls of that kind run
+    compiled. The first decode step of a hand-written model is found that way."""
+
+    def __init__(self, model: nn.Module, plan: Plan, graph_log: GraphLog, dynamic: bool | None,
+                 compile_kwargs: dict[str, Any], *, lazy: bool, warn: bool):
         super().__init__()
         self.model = model
         self.plan = plan
-        self.graph_log = backend
-        forwards = {lp.layer.module: discover.forward_with(lp.layer, lp.replacements)
-                    for lp in plan.layers if lp.replacements}
-        forwards.update({lp.layer.module: lp.module_forward for lp in plan.layers if lp.module_forward})
-        self.patch = discover.LayerPatch(forwards)
-        # The bound forward, not the module: ``generate`` points the module's ``forward`` at
-        # this wrapper for its duration, and the compiled code must not follow it there.
-        self._compiled = torch.compile(model.forward, backend=backend, dynamic=dynamic, **compile_kwargs)
+        self.graph_log = graph_log
+        self.patch = discover.LayerPatch()
+        self._lazy, self._warn, self._calls_seen = lazy, warn, set()
+        # The root's forward is called through this cell: the model's own (bound) forward, or
+        # the patched one when the root itself calls a replaced function. Not ``model.forward``:
+        # ``generate`` points the module's ``forward`` at this wrapper for its duration, and the
+        # compiled code must not follow it there.
+        self._root = [model.forward]
+        root = self._root
+
+        def call_model(*args, **kwargs):
+            return root[0](*args, **kwargs)
+
+        self._compiled = torch.compile(call_model, backend=graph_log, dynamic=dynamic, **compile_kwargs)
         self._signature = inspect.signature(model.forward)
         self._warned_grad = False
+        self._install(plan)
+
+    def _install(self, plan: Plan) -> None:
+        self.plan = plan
+        for lp in plan.layers:
+            if lp.module_forward is not None:
+                self.patch.set_forward(lp.layer.module, lp.module_forward)
+            elif lp.replacements or lp.layer.module in self.patch.forwards:
+                self.patch.update(lp.layer, lp.replacements)
+        self._root[0] = self.patch.forwards.get(self.model, self.model.forward)
+        self.graph_log.layer_classes = tuple({type(lp.layer.module) for lp in plan.layers if lp.regions or lp.fallbacks})
+
+    def _probe_with(self, args: tuple, kwargs: dict) -> Any:
+        """Run this call eagerly with every callee recorded, recognize again, and return its result."""
+        result = []
+        old = self.plan
+        start = time.perf_counter()
+        plan = passes.run(Plan(self.model, lambda m: result.append(m(*args, **kwargs)), old.state_layout,
+                               discovered=old.discovered, submodules=old.submodules, cache=old.cache))
+        plan.seconds = old.seconds + time.perf_counter() - start
+        known = set(old.warnings)
+        _report(plan, warn=self._warn, known=known)
+        self._install(plan)
+        return result[0]
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and self._differentiable(args, kwargs):
@@ -238,6 +189,11 @@ class CompiledModel(nn.Module):
                     "model, uncompiled. Call the model under torch.no_grad() or "
                     "torch.inference_mode() to run the compiled graphs.", stacklevel=2)
             return self.model(*args, **kwargs)
+        if self._lazy:
+            kind = call_class(args, kwargs)
+            if kind not in self._calls_seen:
+                self._calls_seen.add(kind)
+                return self._probe_with(args, kwargs)
         # Dynamo guards on input strides: a prompt sliced out of a longer batch (ids[:, :n]) would
         # compile a graph of its own. Token ids, masks and positions are small to copy.
         args = tuple(_dense(a) for a in args)
@@ -323,7 +279,9 @@ def compile(
         dynamic: passed to ``torch.compile``; True gives one graph for all prompt lengths.
         backend: ``"inductor"``, ``"aot_eager"`` or ``"eager"``: what compiles the rewritten graph.
         probe: ``probe(model)`` runs a few eager forward calls that reach every code path to be
-            compiled (default: prefill with and without a cache and a decode step on token ids).
+            compiled. Default: prefill with and without a cache and a decode step on token ids,
+            for a model with ``config.vocab_size``; for any other module, its own calls (the
+            first call of each kind runs eagerly, recorded, and is recognized).
         warn: warn about every layer whose functions look like linear attention but stay as written.
         compile_kwargs: passed on to ``torch.compile`` (``fullgraph``, ``mode``, ...).
 
@@ -339,22 +297,43 @@ def compile(
         raise ValueError(f"dynamic must be True, False or None, got {dynamic!r}")
     if backend not in BACKENDS:  # before the passes' probe runs the model
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if probe is None and _vocab_size(model) is None:
+        # No probe to build: the first call of each kind is the probe (see CompiledModel). That
+        # call runs the original functions on whatever state the caller holds, so states stay
+        # in the layout those functions read.
+        if state_layout == "vk":
+            raise ValueError(
+                f"state_layout='vk' needs a probe: {type(model).__name__} has no config.vocab_size, so its own "
+                "calls are probed as they come, running the original functions on the caller's states, which "
+                "read kv. Pass probe=fn(model) that reaches every call, or use state_layout='kv'.")
+        plan = Plan(model, probe, "kv")
+        return CompiledModel(model, plan, GraphLog(inner_backend(backend), rewrite=unflatten_norm_gates),
+                             dynamic, compile_kwargs, lazy=True, warn=warn)
     start = time.perf_counter()
     plan = passes.run(Plan(model, probe or default_probe, state_layout))
     plan.seconds = time.perf_counter() - start
+    _report(plan, warn=warn)
+    return CompiledModel(model, plan, GraphLog(inner_backend(backend), rewrite=unflatten_norm_gates),
+                         dynamic, compile_kwargs, lazy=False, warn=warn)
+
+
+def _report(plan: Plan, warn: bool, known: set[str] = frozenset()) -> None:
+    """Fill ``plan.warnings`` (every function kept as written, and why) and warn about new ones."""
     for lp in plan.layers:
         for callee, why, family in lp.fallbacks:
-            plan.warnings.append(f"graphdelta: layer {lp.path}: {callee} kept as written ({family}: {why})")
+            fn = getattr(lp.layer.callees.get(callee), "fn", None)
+            name = callee if fn is None or fn.__name__ == callee else f"{callee} ({fn.__qualname__})"
+            plan.warnings.append(f"graphdelta: layer {lp.path or type(plan.model).__name__}: {name} kept as "
+                                 f"written ({family}: {why})")
     if not any(lp.regions for lp in plan.layers):
         plan.warnings.append(
-            f"graphdelta: no linear-attention region recognized in {type(model).__name__}; it runs "
+            f"graphdelta: no linear-attention region recognized in {type(plan.model).__name__}; it runs "
             "unchanged under torch.compile"
         )
     if warn:
         for message in plan.warnings:
-            warnings.warn(message, stacklevel=2)
-    layer_classes = tuple({type(lp.layer.module) for lp in plan.layers if lp.regions or lp.fallbacks})
-    return CompiledModel(model, plan, GraphLog(backend, layer_classes), dynamic, compile_kwargs)
+            if message not in known:
+                warnings.warn(message, stacklevel=3)
 
 
 def explain(compiled: CompiledModel) -> str:

@@ -8,29 +8,161 @@ From the command line, on a model directory or a config (random weights when onl
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import re
 import sys
+import time
 
-from graphdelta.compiler import CompiledModel
+from typing import Any, Callable
+
+import torch
+
+SIZE_ONE_GUARDS = (r"^2 <= .*size\(\)\[\d+\]$", r"size mismatch at index \d+\. expected 1,")
+LEFTOVER_OPS = ("solve_triangular",)  # what the chunked pipeline leaves when it is not fused
 
 
-def explain(compiled: CompiledModel) -> str:
+@dataclasses.dataclass
+class GraphRecord:
+    """One graph Dynamo handed to the backend."""
+
+    index: int
+    reason: str  # why it was compiled: first call, or the guard that failed
+    nodes: int
+    graphdelta_ops: dict[str, int]
+    leftovers: dict[str, int]  # ops that a full fusion removes (solve_triangular, cumsum)
+    matmuls: int  # matmul / bmm / einsum nodes in linear-attention layers (a fused layer has none)
+    inputs: list[str]
+    attention: dict[str, int] = dataclasses.field(default_factory=dict)  # SDPA calls: "unmasked" / "masked"
+    seconds: float = 0.0
+    norm_gates: int = 0  # gated norms given their gate unflattened (passes/norm_gate.py)
+    compile_id: str = ""  # Dynamo's "frame/compile" id, as its guard failures name the graph
+
+
+def _guard_text(failure: str) -> str:
+    """Dynamo's first line for a failed guard (``guard  # user code  # file.py:N in fn (...)``)
+    as the guard, where the model's code made it, and a gloss of the guards users meet most."""
+    parts = [p.strip() for p in failure.splitlines()[0].split("  # ")]
+    text = parts[0]
+    where = [m.group(0) for p in parts[1:] if (m := re.search(r"[\w./-]+\.py:\d+ in \w+", p))]
+    if where:
+        text += f" (at {where[-1]})"
+    if hint := re.search(r"\(HINT: [^)]*\)", failure):
+        text += f" {hint.group(0)}"
+    if "kwargs" in parts[0]:
+        text += ": keyword arguments differ from that graph's"
+    elif any(re.search(pattern, parts[0]) for pattern in SIZE_ONE_GUARDS):
+        text += ": a size of 1 gets graphs of its own (Dynamo specializes sizes 0 and 1)"
+    return text
+
+
+class GraphLog:
+    """A backend in front of ``inner`` that records every graph it is asked to compile."""
+
+    def __init__(self, compile_graph: Callable[[torch.fx.GraphModule, list[Any]], Callable],
+                 layer_classes: tuple[type, ...] = (), rewrite: Callable[[torch.fx.GraphModule], int] | None = None):
+        self.compile_graph = compile_graph  # the inner backend (``graphdelta.compiler.backend``)
+        self.rewrite = rewrite  # a graph rewrite run before it; returns how many sites it changed
+        # the linear-attention layers' classes; matmuls elsewhere (rotary embeddings) don't count
+        self.layer_classes = layer_classes
+        self.graphs: list[GraphRecord] = []
+        self.pending = ""
+
+    def _in_layer(self, node: torch.fx.Node) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        return any(cls in self.layer_classes for _, cls in stack.values())
+
+    def _reason(self, compile_id: Any) -> str:
+        if self.pending:
+            reason, self.pending = self.pending, ""
+            return reason
+        if not self.graphs:
+            return "first call"
+        # Dynamo logs why each cache entry of the frame missed, prefixed by the entry's compile
+        # id ("3/1: ..."), when it recompiles the frame. Only this model's entries count (other
+        # compiled models share transformers' code objects); each one's latest failure is why
+        # it missed this time.
+        ours = {g.compile_id for g in self.graphs}
+        frame = f"{compile_id.frame_id}/" if compile_id is not None else None
+        latest: dict[str, str] = {}
+        for reasons in torch._dynamo.utils.guard_failures.values():
+            for r in reasons:
+                entry, _, text = str(r).strip().partition(": ")
+                if frame and entry.startswith(frame) and entry in ours:
+                    latest[entry] = _guard_text(text)
+        if not latest:
+            return "new code path (different branch or graph break)"
+        order = sorted(latest, key=lambda e: int(e.rsplit("/", 1)[1]))
+        return "guard failed: " + " | ".join(f"{e}: {latest[e]}" for e in order)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        ops: collections.Counter[str] = collections.Counter()
+        leftovers: collections.Counter[str] = collections.Counter()
+        attention: collections.Counter[str] = collections.Counter()
+        matmuls = 0
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            name = str(getattr(node.target, "__name__", node.target))
+            qualified = str(node.target)
+            if "graphdelta" in qualified:
+                ops[qualified.replace("graphdelta.", "graphdelta::").split("graphdelta::")[-1].split(".")[0]] += 1
+            if any(s in name for s in LEFTOVER_OPS):
+                leftovers[name] += 1
+            if name in ("matmul", "bmm", "mm", "einsum", "__matmul__") and self._in_layer(node):
+                matmuls += 1
+            if name == "scaled_dot_product_attention":
+                masked = (len(node.args) > 3 and node.args[3] is not None) or node.kwargs.get("attn_mask") is not None
+                attention["masked" if masked else "unmasked"] += 1
+        inputs = [
+            str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs[:6]
+        ]
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        record = GraphRecord(len(self.graphs), self._reason(compile_id), len(gm.graph.nodes), dict(ops),
+                             dict(leftovers), matmuls, inputs, dict(attention), compile_id=str(compile_id or ""))
+        self.graphs.append(record)
+        start = time.perf_counter()
+        record.norm_gates = self.rewrite(gm) if self.rewrite else 0
+        try:
+            compiled = self.compile_graph(gm, example_inputs)
+        except Exception as e:
+            # Dynamo may catch this and trace the frame again (e.g. to specialize a size):
+            # the next record then says why.
+            message = (str(e).strip().splitlines() or [""])[0][:160]
+            record.reason += f"; backend gave up ({type(e).__name__}: {message})"
+            self.pending = f"retrace after the backend gave up on graph {record.index} ({type(e).__name__})"
+            raise
+        finally:
+            record.seconds = time.perf_counter() - start
+        return compiled
+
+
+
+
+def explain(compiled) -> str:
     """A plain-text report of ``compiled``: per layer, the regions replaced by graphdelta ops
     (with the structural evidence), the functions kept as written and why, the state layout;
     then the graphs compiled so far and why each was compiled."""
     plan = compiled.plan
     lines = [f"graphdelta: {type(plan.model).__name__}, passes took {getattr(plan, 'seconds', 0.0):.1f} s"]
+    if getattr(compiled, "_lazy", False):
+        lines.append(f"probed on the model's own calls: {len(compiled._calls_seen)} kind(s) of call so far")
     for lp in plan.layers:
         if not lp.regions and not lp.fallbacks:
             continue
-        lines.append(f"layer {lp.path} ({type(lp.layer.module).__name__})")
+        lines.append(f"layer {lp.path or '(root)'} ({type(lp.layer.module).__name__})")
         for r in lp.regions:
             lines.append(f"  replaced {r.callee} -> {r.op} ({r.variants} argument variant(s))")
             for e in r.evidence:
                 lines.append(f"      {e}")
+            for key in sorted(getattr(lp.recognized.get(r.callee), "skipped", ())):
+                lines.append(f"      a call with arguments never confirmed ran as written: {key}")
         for callee, why, family in lp.fallbacks:
             lines.append(f"  fallback {callee} [{family}]: {why}")
         if lp.state_layout:
             lines.append(f"  state layout: {lp.state_layout} ({lp.layout_reason})")
+        if lp.unprobed and (lp.regions or lp.fallbacks):
+            lines.append(f"  never called while probing (run as written if called): {', '.join(lp.unprobed)}")
     counts = ", ".join(f"{k}={v}" for k, v in sorted(plan.counters.items())) or "none"
     lines.append(f"replacements: {counts}")
     graphs = compiled.graph_log.graphs

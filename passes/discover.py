@@ -208,10 +208,29 @@ def forward_with(layer: Layer, replacements: dict[str, Callable]) -> types.Metho
 
 
 class LayerPatch:
-    """Per-layer forwards to install on the modules, as instance attributes, while a call runs."""
+    """Per-layer forwards to install on the modules, as instance attributes, while a call runs.
 
-    def __init__(self, forwards: dict[nn.Module, types.MethodType]):
-        self.forwards = forwards
+    Each layer's forward keeps one globals scope for the life of the patch, and ``update``
+    changes only the entries whose replacement changed: graphs Dynamo compiled against the other
+    entries stay valid when a later probe (``graphdelta.compile`` without a probe) adds
+    replacements."""
+
+    def __init__(self):
+        self.forwards: dict[nn.Module, Callable] = {}
+
+    def update(self, layer: Layer, replacements: dict[str, Callable]) -> None:
+        current = self.forwards.get(layer.module)
+        if current is None or getattr(current, "__func__", None) is None:
+            self.forwards[layer.module] = forward_with(layer, replacements)
+            return
+        scope = current.__func__.__globals__
+        for name in layer.callees:
+            want = replacements.get(name, layer.forward.__globals__.get(name))
+            if scope.get(name) is not want:
+                scope[name] = want
+
+    def set_forward(self, module: nn.Module, forward: Callable) -> None:
+        self.forwards[module] = forward
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -233,10 +252,9 @@ def probe(model: nn.Module, layers: list[Layer], run: Callable[[nn.Module], None
           submodules: list[Submodule] = ()) -> None:
     """Run ``run(model)`` eagerly with every callee of every layer, and every call of the
     given submodules, recorded."""
-    patch = LayerPatch({
-        layer.module: forward_with(layer, {n: _recorder(c) for n, c in layer.callees.items()})
-        for layer in layers
-    })
+    patch = LayerPatch()
+    for layer in layers:
+        patch.update(layer, {n: _recorder(c) for n, c in layer.callees.items()})
     handles = []
     for sub in submodules:
         before, after = _record_module(sub)

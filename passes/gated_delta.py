@@ -1,98 +1,108 @@
 """Recognize the gated delta rule in a function a layer calls, and replace the function with a
 graphdelta op.
 
-A callee recorded by ``discover`` is recognized in three steps, cheapest first:
+A callee recorded by ``discover`` is recognized in four steps, cheapest first:
 
 1. **Roles from shapes.** In a recorded call, q and k are the first two ``[B, T, H, K]``
    tensors, v the next ``[B, T, HV, V]`` one, g a ``[B, T, HV]`` or ``[B, T, HV, K]`` gate and
    beta a ``[B, T, HV]`` tensor; the initial state is the argument shaped like the returned
-   final state ``[B, HV, K, V]``. Argument names play no part.
-2. **Structure of the traced graph.** The function is traced to aten ops with ``make_fx`` at
-   two lengths (see ``analyze``). The chunked pipeline must show a reshape to
-   ``[.., chunks, C, ..]``, a cumsum, a decay mask (an ``exp`` of differences of the cumsum
-   masked to ``-inf``, in ``masked_fill`` or ``where`` form), a unit-lower-triangular solve
-   (``linalg_solve_triangular``, or an unrolled forward substitution: one op repeated at least
-   C - 1 times in the part of the graph that does not grow with the chunk count) and a
-   per-chunk state scan (matrix products that do grow with it). The token recurrence must
-   grow by a fixed number of ops, exps among them, per token, and hold no cumsum.
-3. **Numbers.** For every distinct set of non-tensor arguments seen (chunk size, flags, ...),
-   the function is run on random inputs at several lengths and compared with
-   ``graphdelta.reference.gated_delta_rule`` (with and without the in-kernel l2norm); the first
-   hypothesis that matches at every length is kept. No match, no replacement.
+   final state ``[B, HV, K, V]``. Argument names play no part. Arguments other than tensors
+   and plain values (a dict, a config object) end recognition.
+2. **Complete explanation.** The function is traced to aten ops at two lengths and every node
+   of both graphs must have a role under ``RULES`` (``grammar``): beyond layout, masks and
+   data-independent constants, only additions, products, matmuls, sums, triangular solves and
+   inverses of any input; ``exp`` and ``cumsum`` only of the gate; a root, reciprocal or
+   divisor only of q or of k alone (an l2norm), or of the gate (a factored decay); float
+   literals only 0, ±1, ±inf, ±0.5, 2, the scale ``K ** ±0.5`` and an l2norm's eps. A
+   function with a cumulative sum of the gate or a triangular mask is chunked, with the chunk
+   size read from the cumsum's axis and the mask's size (they must agree); any other function
+   is a token recurrence.
+3. **No side effects** (``effects``): no argument updated in place, no global rebound, no
+   container, attribute or tensor reachable from the function's globals or closure changed.
+4. **Numbers** (``delta_check``): for every distinct set of non-tensor arguments seen, the
+   function equals ``graphdelta.reference.gated_delta_rule`` (with or without the in-kernel
+   l2norm) on an adversarial domain of gates, norms, betas, states and lengths.
 
-The replacement binds the same arguments, checks at call time that their non-tensor part is
-one that was confirmed (otherwise it calls the original function), and calls
-``torch.ops.graphdelta.chunk_gated_delta_rule`` or ``recurrent_gated_delta_rule``.
+The replacement binds the same arguments and, for a confirmed set of non-tensor arguments and
+input dtypes, calls ``torch.ops.graphdelta.chunk_gated_delta_rule`` or
+``recurrent_gated_delta_rule``. Any other call runs the original function (and ``explain``
+says so), except in the vk state layout, where the original would misread the state: there it
+raises.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import dis
-import inspect
 import math
 from typing import Any, Callable
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from graphdelta import reference
-from graphdelta.lowering.torch_chunk import compute_dtype
+from . import effects, grammar
+from .delta_check import Roles, confirm, draw, lengths
 from .discover import Binder, Call, Callee
+from .plan import LayerPlan, Plan
+from .recognize import Recognized, as_kwargs, reads_var_keyword, trace, variant_key, wrapped_chain
 
-aten = torch.ops.aten
-MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.baddbmm.default}
-TENSOR = "<tensor>"
-CONFIRM_LENGTHS = {"chunk": (1, 37, 150), "recurrent": (1, 5)}
-RTOL = 2e-4
-
-
-@dataclasses.dataclass(frozen=True)
-class Roles:
-    """Parameter names of the gated-delta inputs in one function's signature."""
-
-    q: str
-    k: str
-    v: str
-    g: str
-    beta: str
-    state: str | None  # the initial state, [B, HV, K, V]
-
-    def tensors(self) -> tuple[str, ...]:
-        return (self.q, self.k, self.v, self.g, self.beta)
+FAMILY = "gated_delta"
+EPS_MAX = 1e-3  # an l2norm's eps is at most this
 
 
-@dataclasses.dataclass
-class Structure:
-    """What the traced graph shows; ``kind`` is "chunk", "recurrent" or None."""
-
-    kind: str | None
-    chunk_size: int | None = None
-    solver: str | None = None  # "solve_triangular" or "forward substitution"
-    evidence: list[str] = dataclasses.field(default_factory=list)
-    missing: list[str] = dataclasses.field(default_factory=list)
+def _within(deps: grammar.Deps, *roles: str) -> bool:
+    return any(deps <= {r} for r in roles)
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """A confirmed set of non-tensor arguments and how the op reproduces it."""
+def _rules(K: int) -> grammar.Rules:
+    """The grammar of the gated delta rule for head dim K (see ``grammar`` and the docstring)."""
+    scales = (K**-0.5, K**0.5)
 
-    l2norm: bool
-    returns_state: bool
+    def floats(value: float, op: str, deps: grammar.Deps) -> bool:
+        if value in (0.5, -0.5, 2.0, -2.0, math.inf, -math.inf) or any(math.isclose(value, s, rel_tol=1e-6) for s in scales):
+            return True
+        # an l2norm's eps, added to the sum of squares of q or of k
+        return op in ("add", "sub") and 0 < abs(value) <= EPS_MAX and _within(deps, "q", "k")
 
+    def gate_only(name: str) -> Callable:
+        return lambda node, deps: name if deps(node.args[0]) <= {"g"} else None
 
-@dataclasses.dataclass
-class Recognized:
-    name: str
-    kind: str  # "chunk" or "recurrent"
-    roles: Roles
-    structure: Structure
-    variants: dict[tuple, Variant]
-    per_channel: bool
+    def norm_of_q_or_k(node, deps):
+        return "l2norm" if _within(deps(node.args[0]), "q", "k") else None
 
-    @property
-    def op(self) -> str:
-        return "graphdelta::chunk_gated_delta_rule" if self.kind == "chunk" else "graphdelta::recurrent_gated_delta_rule"
+    def power(node, deps):
+        exponent = node.args[1]
+        if exponent == 2:
+            return "square"
+        return "l2norm" if exponent in (0.5, -0.5, -1) and _within(deps(node.args[0]), "q", "k") else None
+
+    def divide(node, deps):
+        divisor = deps(node.args[1])
+        if not divisor:
+            return "scale"
+        if _within(divisor, "q", "k"):
+            return "l2norm"
+        return "decay" if divisor <= {"g"} else None
+
+    restricted = {
+        "exp": gate_only("decay"), "exp2": gate_only("decay"), "cumsum": gate_only("gate cumsum"),
+        "rsqrt": norm_of_q_or_k, "sqrt": norm_of_q_or_k, "reciprocal": norm_of_q_or_k,
+        "linalg_vector_norm": norm_of_q_or_k, "pow": power, "div": divide,
+    }
+    arithmetic = frozenset({
+        "add", "sub", "mul", "neg", "sum", "mean", "bmm", "mm", "matmul", "baddbmm", "addmm", "dot",
+        "tril", "triu", "linalg_solve_triangular", "triangular_solve", "linalg_inv", "linalg_inv_ex",
+        "inverse", "linalg_solve", "linalg_solve_ex", "_linalg_solve_ex", "square",
+    })
+
+    def role_of(op: str, deps: grammar.Deps) -> str:
+        if op in ("linalg_solve_triangular", "triangular_solve", "linalg_inv", "linalg_inv_ex", "inverse",
+                  "linalg_solve", "linalg_solve_ex", "_linalg_solve_ex"):
+            return "triangular solve"
+        if op in ("bmm", "mm", "matmul", "baddbmm", "addmm", "dot"):
+            return "state products" if "state" in deps else "matmul"
+        if op in ("tril", "triu"):
+            return "causal mask"
+        return "arithmetic"
+
+    return grammar.Rules("the gated delta rule", arithmetic, restricted, floats, role_of)
 
 
 # ----------------------------------------------------------------------------- roles
@@ -140,295 +150,194 @@ def merge_state_role(roles: Roles, calls: list[Call]) -> Roles:
     return roles
 
 
-def variant_key(bound: dict[str, Any], skip: tuple[str, ...], reads_extras: bool = True) -> tuple:
-    """The non-tensor part of a call: parameters not in ``skip`` by value, tensors as a marker.
-
-    Extra keyword arguments (``"**name"``, swallowed by a ``**kwargs`` the function never
-    reads when ``reads_extras`` is False) count only when they are tensors, so that e.g. a
-    ``cu_seqlens`` tensor never reaches a replacement confirmed without one.
-    """
-    key = []
-    for name in sorted(bound):
-        if name in skip:
-            continue
-        value = bound[name]
-        if isinstance(value, torch.Tensor):
-            key.append((name, TENSOR))
-        elif reads_extras or not name.startswith("**"):
-            key.append((name, value))
-    return tuple(key)
-
-
-def wrapped_chain(fn: Callable) -> list[Callable]:
-    """``fn``, then what it wraps (``__wrapped__``), and so on: a kernel dispatcher such as
-    transformers' hub-kernel wrapper calls fla or causal-conv1d when installed, and keeps the
-    PyTorch path it replaces reachable only this way."""
-    chain = [fn]
-    while hasattr(chain[-1], "__wrapped__"):
-        chain.append(chain[-1].__wrapped__)
-    return chain
-
-
-def reads_var_keyword(fn: Callable) -> bool:
-    """Whether ``fn`` (unwrapped) reads its ``**kwargs`` at all."""
-    fn = wrapped_chain(fn)[-1]
-    code = getattr(fn, "__code__", None)
-    if code is None or not code.co_flags & inspect.CO_VARKEYWORDS:
-        return code is None
-    name = code.co_varnames[code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & inspect.CO_VARARGS)]
-    return any(i.argval == name for i in dis.get_instructions(code) if i.opname.startswith("LOAD"))
-
-
 # ----------------------------------------------------------------------------- structure
 
 
-def _is_neg_inf(x: Any) -> bool:
-    if isinstance(x, float):
-        return x == -math.inf
-    if isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in (aten.full.default, aten.scalar_tensor.default):
-        v = x.args[1] if x.target == aten.full.default else x.args[0]
-        return isinstance(v, float) and v == -math.inf
-    return False
+@dataclasses.dataclass
+class Structure:
+    """What the traced graphs show; ``kind`` is "chunk" or "recurrent"."""
+
+    kind: str
+    chunk_size: int | None
+    evidence: list[str]
+    constants: set[int]  # integer constants no shape explains (the numbers must reach past them)
 
 
-def _ancestors(node: torch.fx.Node, limit: int = 6) -> set[torch.fx.Node]:
-    seen, frontier = set(), [node]
-    for _ in range(limit):
-        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
-        seen.update(frontier)
-    return seen
+def _dims(bound: dict[str, Any], roles: Roles) -> dict[str, int]:
+    B, T, H, K = bound[roles.q].shape
+    HV, V = bound[roles.v].shape[2:]
+    return {"B": B, "H": H, "K": K, "HV": HV, "V": V, "group": HV // H}
 
 
-def _features(gm: torch.fx.GraphModule, length: int) -> dict[str, Any]:
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    cumsums = [n for n in nodes if n.target == aten.cumsum.default]
-    masks = [n for n in nodes if any(_is_neg_inf(a) for a in n.args)]
-    decay = [
-        n for n in nodes if n.target == aten.exp.default
-        and (anc := _ancestors(n)) & set(masks) and anc & set(cumsums)
-        and any(a.target == aten.sub.Tensor for a in anc if a.op == "call_function")
-    ]
-    chunks: collections.Counter[int] = collections.Counter()  # C -> nodes shaped [.., ceil(T / C), C, ..]
-    for n in nodes:
-        shape = getattr(n.meta.get("val"), "shape", ())
-        for a, c in zip(shape, shape[1:]):
-            if isinstance(a, int) and isinstance(c, int) and c >= 8 and c & (c - 1) == 0 and a == -(-length // c):
-                chunks[c] += 1
-    ops = collections.Counter(str(n.target) for n in nodes)
-    return {
-        "nodes": len(nodes),
-        "ops": ops,
-        "cumsum": len(cumsums),
-        "decay_mask": len(decay),
-        "solve": ops[str(aten.linalg_solve_triangular.default)],
-        "matmul": sum(ops[str(m)] for m in MATMULS),
-        "exp": ops[str(aten.exp.default)],
-        "chunks": chunks,
-    }
+def _inverse_form(ops: dict[str, int]) -> str:
+    for names, form in ((("linalg_solve_triangular", "triangular_solve"), "solve_triangular"),
+                        (("linalg_inv", "linalg_inv_ex", "inverse"), "linalg.inv"),
+                        (("linalg_solve", "linalg_solve_ex", "_linalg_solve_ex"), "linalg.solve")):
+        if any(ops.get(n) for n in names):
+            return form
+    return "forward substitution or products (no solver op)"
 
 
-def trace(fn: Callable, bound: dict[str, Any]) -> torch.fx.GraphModule:
-    """``fn`` traced at the given (small, real) arguments; real tracing is 2-3x faster than
-    fake tracing on these inputs and records the same shapes in ``meta["val"]``."""
-    names = [n for n, v in bound.items() if isinstance(v, torch.Tensor)]
-
-    def body(*tensors):
-        args = dict(bound)
-        args.update(zip(names, tensors))
-        return fn(**as_kwargs(args))
-
-    return make_fx(body, tracing_mode="real")(*[bound[n] for n in names])
-
-
-def as_kwargs(bound: dict[str, Any]) -> dict[str, Any]:
-    return {n.removeprefix("**"): v for n, v in bound.items()}
-
-
-def analyze(fn: Callable, inputs: Callable[[int], dict[str, Any]]) -> Structure:
-    """Trace ``fn`` at a few lengths (``inputs(T)`` gives its arguments) and classify the graph.
-
-    A trace at 3 tokens (one chunk, whatever the chunk size) tells a chunked pipeline (a
-    cumsum) from a token recurrence, which a trace at 7 tokens confirms (a fixed number of ops
-    per token). For the chunked form, a trace at 100 tokens gives the chunk size C (a view to
-    ``[.., ceil(100 / C), C, ..]``); the two traces then split the graph into a per-chunk part
-    (the state scan) and a constant part, where an unrolled forward substitution shows as one
-    op repeated at least C - 1 times.
-    """
-    try:
-        f1 = _features(trace(fn, inputs(3)), 3)
-        if f1["cumsum"]:
-            long = 100
-            f2 = _features(trace(fn, inputs(long)), long)
-            # A chunk size must show at both lengths ([.., 1, C, ..] and [.., ceil(100 / C), C, ..]);
-            # a lone match at one length is a coincidence with a head count or a head dim.
-            both = f1["chunks"].keys() & f2["chunks"].keys()
-            C = max(both, key=lambda c: f2["chunks"][c]) if both else None
-            if C is not None and -(-long // C) == 1:
-                long = 2 * C + 1
-                f2 = _features(trace(fn, inputs(long)), long)
-        else:
-            f2 = _features(trace(fn, inputs(7)), 7)
-    except Exception as e:  # noqa: BLE001 - anything untraceable is simply not recognized
-        return Structure(None, missing=[f"not traceable with make_fx: {type(e).__name__}: {e}"])
-
-    if f1["cumsum"]:
-        if C is None:
-            return Structure(None, missing=["cumsum but no chunk reshape [.., ceil(T / C), C, ..]"])
-        s = Structure("chunk", chunk_size=C)
-        chunks = -(-long // C)
-        per_chunk = {op: (f2["ops"][op] - f1["ops"][op]) / (chunks - 1) for op in f2["ops"]}
-        constant = {op: f1["ops"][op] - per_chunk.get(op, 0) for op in f1["ops"]}
-        op, repeats = max(constant.items(), key=lambda kv: kv[1])
-        if f1["solve"]:
-            s.solver = "solve_triangular"
-        elif repeats >= C - 1:
-            s.solver = f"forward substitution: {repeats:g} x {op.split('.')[-2]} independent of the chunk count"
-        scan = per_chunk.get(str(aten.bmm.default), 0) + per_chunk.get(str(aten.mm.default), 0)
-        checks = {
-            f"chunk reshape to [.., {chunks}, {C}, ..] at {long} tokens (chunk size {C})": True,
-            "chunk-local cumsum": f2["cumsum"] > 0,
-            "decay mask exp(masked cumsum differences)": f2["decay_mask"] > 0,
-            f"unit-lower-triangular solve ({s.solver})": s.solver is not None,
-            f"per-chunk state scan ({scan:g} matmuls/chunk)": scan >= 2,
-        }
-        s.evidence = [k for k, ok in checks.items() if ok]
-        s.missing = [k for k, ok in checks.items() if not ok]
-        if s.missing:
-            s.kind = None
-        return s
-    per_token = (f2["nodes"] - f1["nodes"]) / 4
-    if per_token >= 4 and f2["exp"] - f1["exp"] >= 4:
-        return Structure("recurrent", evidence=[f"token recurrence ({per_token:g} ops/token, exp decay per token)"])
-    return Structure(None, missing=["no chunked pipeline (cumsum + chunk reshape) and no per-token recurrence"])
-
-
-# ----------------------------------------------------------------------------- numbers
-
-
-def random_inputs(template: Call, roles: Roles, T: int, seed: int = 0) -> dict[str, Any]:
-    """Arguments like ``template``'s at length T, drawn so the delta rule stays well scaled:
-    |q|, |k| in [0.5, 1] (so an l2norm inside the function changes the result), gates <= 0."""
-    gen = torch.Generator().manual_seed(seed + T)
-    b = template.bound
-    B, _, H, K = b[roles.q].shape
-    _, _, HV, V = b[roles.v].shape
-    # Checked in float32 (float64 stays): the check asks what a function computes, not how
-    # precisely; a bf16 model's chunk function is the same math, ~1e-2 off the reference.
-    dtype = compute_dtype(b[roles.v].dtype)
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen, dtype=torch.float32)
-
-    def unit_ish(*shape):
-        x = torch.randn(*shape, generator=gen)
-        return x / x.norm(dim=-1, keepdim=True) * (0.5 + 0.5 * rand(*shape[:-1], 1))
-
-    args = dict(b)
-    args[roles.q], args[roles.k] = unit_ish(B, T, H, K), unit_ish(B, T, H, K)
-    args[roles.v] = torch.randn(B, T, HV, V, generator=gen)
-    args[roles.g] = -(0.02 + 0.5 * rand(*b[roles.g].shape[:1], T, *b[roles.g].shape[2:]))
-    args[roles.beta] = rand(B, T, HV)
-    if roles.state is not None and isinstance(b.get(roles.state), torch.Tensor):
-        args[roles.state] = 0.1 * torch.randn(B, HV, K, V, generator=gen)
-    for n in roles.tensors():
-        args[n] = args[n].to(dtype)
-    return args
-
-
-def _close(x: torch.Tensor, ref: torch.Tensor) -> bool:
-    if x.shape != ref.shape or not torch.isfinite(x).all():
-        return False
-    err = (x.double() - ref).abs().max().item() if x.numel() else 0.0
-    return err <= RTOL * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-
-
-def confirm(fn: Callable, template: Call, roles: Roles, lengths: tuple[int, ...]) -> Variant | str:
-    """The variant that reproduces ``fn`` at ``template``'s non-tensor arguments, or why none does."""
-    runs = []
-    for T in lengths:
-        args = random_inputs(template, roles, T)
+def analyze(fn: Callable, inputs: Callable[[int], dict[str, Any]], roles: Roles) -> Structure | str:
+    """Trace ``fn`` (``inputs(T)`` gives its arguments) at 3 tokens and at a longer length
+    (3C + 1 for chunk size C, 7 for a token loop) and explain both graphs completely."""
+    rules = None
+    structure: Structure | None = None
+    length = 3
+    for attempt in range(2):
+        bound = inputs(length)
         try:
-            with torch.no_grad():
-                out = fn(**as_kwargs(args))
-        except Exception as e:  # noqa: BLE001
-            return f"raised {type(e).__name__} on random inputs of length {T}: {e}"
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
-            return "does not return (output, state)"
-        runs.append((args, out))
-    for l2norm in (True, False):
-        ok = True
-        for args, (o, final) in runs:
-            ref_o, ref_s = reference.gated_delta_rule(
-                *(args[n].double() for n in roles.tensors()),
-                initial_state=None if roles.state is None or args.get(roles.state) is None else args[roles.state].double(),
-                output_final_state=True, use_qk_l2norm_in_kernel=l2norm,
-            )
-            if not _close(o, ref_o) or (final is not None and not _close(final, ref_s)):
-                ok = False
-                break
-        if ok:
-            return Variant(l2norm=l2norm, returns_state=runs[0][1][1] is not None)
-    return "differs from graphdelta.reference.gated_delta_rule (with and without in-kernel l2norm)"
+            traced = trace(fn, bound)
+        except Exception as e:  # noqa: BLE001 - anything untraceable runs as written
+            return f"not traceable with make_fx ({type(e).__name__}: {e})"
+        dims = _dims(bound, roles)
+        rules = rules or _rules(dims["K"])
+        names = {p: r for p, param in traced.inputs.items()
+                 for r in ("q", "k", "v", "g", "beta", "state") if getattr(roles, r) == param}
+        found = grammar.explain(traced.gm, names, rules, dims, length, traced.lines)
+        if isinstance(found, grammar.Unexplained):
+            return f"not completely explained: {found}"
+        if found.mutated:
+            return f"updates its argument(s) {sorted(found.mutated)} in place"
+        sizes = found.cumsum_axes | found.triangles
+        if structure is None:
+            if len(sizes) > 1:
+                return (f"chunk size ambiguous: cumulative sums over {sorted(found.cumsum_axes)} positions "
+                        f"and triangular masks of {sorted(found.triangles)}")
+            if sizes:
+                C = next(iter(sizes))
+                structure = Structure("chunk", C, [f"chunk size {C} (cumsum axis and triangular mask)",
+                                                   f"inverse: {_inverse_form(found.ops)}"], set())
+            else:
+                structure = Structure("recurrent", None, ["token recurrence (no chunk cumsum, no triangular mask)"], set())
+        elif sizes and sizes != {structure.chunk_size}:
+            return f"chunk size changes with the length ({structure.chunk_size} at 3 tokens, {sorted(sizes)} at {length})"
+        structure.constants |= grammar.unexplained_integers(found, dims, structure.chunk_size, length)
+        structure.evidence.append(f"{length} tokens: {len(traced.gm.graph.nodes)} nodes explained ({found.summary()})")
+        length = 3 * structure.chunk_size + 1 if structure.kind == "chunk" else 7
+    return structure
 
 
 # ----------------------------------------------------------------------------- recognition
 
 
-def recognize(callee: Callee) -> Recognized | str:
+@dataclasses.dataclass
+class RecognizedDelta(Recognized):
+    kind: str = "chunk"  # "chunk" or "recurrent"
+    roles: Roles | None = None
+    per_channel: bool = False
+    state_shape: tuple[int, int, int, int, int] | None = None
+    device: torch.device | None = None
+    skipped: set = dataclasses.field(default_factory=set)  # calls that ran the original (for explain)
+
+    @property
+    def op(self) -> str:
+        return f"graphdelta::{'chunk' if self.kind == 'chunk' else 'recurrent'}_gated_delta_rule"
+
+    @property
+    def counter(self) -> str:
+        return f"gated_delta_{self.kind}"
+
+    def replacement(self, lp: LayerPlan, plan: Plan) -> Callable:
+        callee = lp.layer.callees[self.name]
+        return replacement(self, callee.fn, Binder(callee.signature), lp.state_layout or "kv")
+
+
+def _variant_key(bound: dict[str, Any], roles: Roles, reads_extras: bool) -> tuple:
+    dtypes = tuple(bound[n].dtype if isinstance(bound.get(n), torch.Tensor) else None for n in roles.tensors())
+    return variant_key(bound, roles.tensors(), reads_extras) + (("dtypes", dtypes),)
+
+
+def recognize(callee: Callee) -> RecognizedDelta | str:
     """Recognize ``callee`` as the chunked or token-recurrent gated delta rule, or say why not."""
     if not callee.calls:
         return "never called during the probe"
-    order = [p for p in callee.signature.parameters]
+    order = list(callee.signature.parameters)
     roles = assign_roles(callee.calls[0], order)
     if roles is None:
         return "arguments do not have the shapes of q, k, v, g, beta"
     roles = merge_state_role(roles, callee.calls)
     template = max(callee.calls, key=lambda c: c.bound[roles.v].shape[1])
+    seen = {c.bound[roles.v].shape[1] for c in callee.calls}
+    reads_extras = reads_var_keyword(callee.fn)
 
-    # The function itself first; then what it wraps (a kernel dispatcher around a torch path).
     reasons = []
+    # The function itself first; then what it wraps (a kernel dispatcher around a torch path).
     for target in wrapped_chain(callee.fn):
-        structure = analyze(target, lambda T: random_inputs(template, roles, T))
-        if structure.kind is None:
-            reasons.append("; ".join(structure.missing))
+        structure = analyze(target, lambda T: draw(template, roles, T, "typical", 1), roles)
+        if isinstance(structure, str):
+            reasons.append(structure)
+            continue
+        executed = effects.watch(target, as_kwargs(draw(template, roles, 3, "typical", 1)))
+        snapshot = effects.Snapshot(executed, [target])
+        code_constants = effects.literals(executed, target)
+        dims = _dims(template.bound, roles)
+        explained = set(dims.values()) | ({structure.chunk_size} if structure.chunk_size else set())
+        constants = structure.constants | {c for c in code_constants if abs(c) > 4 and abs(c) not in explained}
+        check = lengths(structure.kind, structure.chunk_size, constants, seen)
+        if isinstance(check, str):
+            reasons.append(f"{structure.kind} structure found but it {check}")
             continue
         variants = {}
+        why = None
         for call in callee.calls:
-            key = variant_key(call.bound, roles.tensors(), reads_var_keyword(callee.fn))
+            key = _variant_key(call.bound, roles, reads_extras)
             if key in variants:
                 continue
-            got = confirm(target, call, roles, CONFIRM_LENGTHS[structure.kind])
+            got = confirm(target, call, roles, check)
             if isinstance(got, str):
-                reasons.append(f"{structure.kind} structure found but {got}")
+                why = f"{structure.kind} structure found but it {got}"
                 break
             variants[key] = got
-        else:
-            per_channel = template.bound[roles.g].dim() == 4
-            return Recognized(callee.name, structure.kind, roles, structure, variants, per_channel)
+        effects_seen = effects.stores(executed) + snapshot.changes()
+        if effects_seen:
+            why = f"has side effects a replacement would not reproduce: {effects_seen[0]}"
+        if why is not None:
+            reasons.append(why)
+            continue
+        evidence = list(structure.evidence)
+        evidence.append(f"confirmed against the float64 reference at lengths {check} (typical, gate, norm cases)")
+        if target is not callee.fn:
+            evidence.append("found behind a kernel dispatcher (__wrapped__)")
+        per_channel = template.bound[roles.g].dim() == 4
+        evidence.append(f"{'per-channel (KDA)' if per_channel else 'per-head (GDN)'} gate")
+        B, _, H, K = template.bound[roles.q].shape
+        HV, V = template.bound[roles.v].shape[2:]
+        return RecognizedDelta(callee.name, evidence, variants, kind=structure.kind, roles=roles, per_channel=per_channel,
+                               state_shape=(B, H, HV, K, V), device=template.bound[roles.q].device)
     return reasons[0] if reasons else "not recognized"
 
 
-def replacement(rec: Recognized, original: Callable, binder: Binder, state_layout: str) -> Callable:
+def replacement(rec: RecognizedDelta, original: Callable, binder: Binder, state_layout: str) -> Callable:
     """A drop-in for ``original`` that calls the graphdelta op for every confirmed variant.
 
     With ``state_layout="vk"`` the states this function receives and returns are ``[B, HV, V, K]``:
     the layer's cache then holds vk states, which only the layer's own (replaced) functions read.
     """
     op = torch.ops.graphdelta.chunk_gated_delta_rule if rec.kind == "chunk" else torch.ops.graphdelta.recurrent_gated_delta_rule
-    roles, variants = rec.roles, rec.variants
+    roles, variants, skipped = rec.roles, rec.variants, rec.skipped
     reads_extras = reads_var_keyword(original)
 
     def gated_delta_op(*args, **kwargs):
         bound = binder(args, kwargs)
-        variant = variants.get(variant_key(bound, roles.tensors(), reads_extras))
+        key = _variant_key(bound, roles, reads_extras)
+        variant = variants.get(key)
         if variant is None:
+            if state_layout == "vk":
+                raise RuntimeError(
+                    f"graphdelta: {rec.name} was called with arguments never confirmed while probing "
+                    f"({key}); its layer keeps the recurrent state in the vk layout, which the original "
+                    "function cannot read. Compile with state_layout='kv', or probe this call.")
+            skipped.add(str(key))
             return original(*args, **kwargs)
         q, k, v, g, beta = (bound[n] for n in roles.tensors())
         state = bound.get(roles.state) if roles.state is not None else None
         if state is not None:
-            state = state.to(torch.float32)
+            state = state.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
         o, final = op(q, k, v, g, beta, q.shape[-1] ** -0.5, state, None, variant.l2norm, state_layout)
-        return o.to(q.dtype), (final if variant.returns_state else None)
+        if not variant.returns_state:
+            return o.to(variant.out_dtype), None
+        return o.to(variant.out_dtype), final.to(variant.state_dtype)
 
     gated_delta_op.__name__ = f"graphdelta_{rec.kind}_{rec.name}"
     return gated_delta_op

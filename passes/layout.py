@@ -49,9 +49,10 @@ def measure(shape: tuple[int, int, int, int, int], device: torch.device) -> tupl
 
 def choose_state_layout(plan: Plan) -> Plan:
     """Expects: ``recognized`` filled by the recognizers. Leaves: ``state_layout`` and
-    ``layout_reason`` on every layer with a replaced gated-delta function."""
+    ``layout_reason`` on every layer with a replaced gated-delta function: kv wherever a
+    function that might read the state stays as written or was never reached by the probe."""
     for lp in plan.layers:
-        deltas = {n: r for n, r in lp.recognized.items() if getattr(r, "kind", None) in ("chunk", "recurrent")}
+        deltas = {n: r for n, r in lp.recognized.items() if r.state_shape is not None}
         if not deltas:
             continue
         unreplaced_delta = [callee for callee, _, family in lp.fallbacks if family == "gated_delta"]
@@ -59,12 +60,12 @@ def choose_state_layout(plan: Plan) -> Plan:
             lp.state_layout, lp.layout_reason = plan.state_layout, f"requested (state_layout={plan.state_layout!r})"
         elif unreplaced_delta:
             lp.state_layout, lp.layout_reason = "kv", "kv: not every state-reading function of the layer was replaced"
+        elif lp.unprobed:
+            lp.state_layout = "kv"
+            lp.layout_reason = f"kv: the probe never called {', '.join(lp.unprobed)}, which might read the state"
         else:
             rec = next(iter(deltas.values()))
-            call = lp.layer.callees[rec.name].calls[0]
-            B, _, H, K = call.bound[rec.roles.q].shape
-            HV, V = call.bound[rec.roles.v].shape[2:]
-            lp.state_layout, lp.layout_reason = measure((B, H, HV, K, V), call.bound[rec.roles.q].device)
+            lp.state_layout, lp.layout_reason = measure(rec.state_shape, rec.device)
         if lp.state_layout == "vk" and unreplaced_delta:
             raise ValueError(
                 f"state_layout='vk' needs every gated-delta function of layer {lp.path} replaced; "

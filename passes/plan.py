@@ -35,6 +35,7 @@ class LayerPlan:
     layout_reason: str = ""
     replacements: dict[str, Callable] = dataclasses.field(default_factory=dict)
     module_forward: Callable | None = None  # replaces the module's whole forward (gated norm)
+    unprobed: list[str] = dataclasses.field(default_factory=list)  # callees the probe never reached
 
 
 @dataclasses.dataclass
@@ -47,6 +48,10 @@ class Plan:
     counters: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0  # time the passes took
+    # kept from an earlier run of the passes on the same model (graphdelta.compile's lazy probe
+    # records more calls on each new kind of call): what was discovered, and recognitions
+    discovered: list[Layer] | None = None
+    cache: dict = dataclasses.field(default_factory=dict)
 
     def count(self, name: str) -> None:
         self.counters[name] += 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from graphdelta import hf
+
 FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "kimi_linear")
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
 
@@ -103,6 +105,12 @@ def build(family: str, hidden: int = 128, layers: int = 4, seed: int = 0, *, rea
     with torch.device(device):
         model = classes[family](cfg)
     return model.to(dtype).eval()
+
+
+def cached(model: torch.nn.Module, out) -> dict:
+    """The keyword argument that hands ``out``'s cache to ``model``'s next call, in the
+    installed transformers' spelling (``cache=`` from 5.24, ``past_key_values=`` before)."""
+    return {hf.cache_kwarg(model): hf.output_cache(out)}
 
 
 def tokens(length: int, batch: int = 1, seed: int = 1, vocab: int = 512) -> torch.Tensor:

@@ -3,6 +3,7 @@ GVA, its cached decode agrees with a full prefill, and its byte tokenizer round-
 import pytest
 import torch
 
+import models
 from graphdelta.assets import DEFAULT_MODEL_DIR, load_default_model
 
 SNIPPETS = [
@@ -58,7 +59,7 @@ def test_cached_decode_matches_prefill(default_model, n):
     ids = tokenizer(SNIPPETS[0] * 2, return_tensors="pt").input_ids[:, : n + 1]
     full = model(ids).logits[:, -1]
     prefill = model(ids[:, :n], use_cache=True)
-    step = model(ids[:, n:], past_key_values=prefill.past_key_values, use_cache=True).logits[:, -1]
+    step = model(ids[:, n:], **models.cached(model, prefill), use_cache=True).logits[:, -1]
     rel = (step - full).abs().max() / full.abs().max()
     assert rel < 1e-4, f"prefill {n} + 1 decode vs prefill {n + 1}: max rel error {rel.item():.2e}"
 

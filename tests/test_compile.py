@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphdelta
+from graphdelta import hf
 import models
 
 FAMILIES = models.FAMILIES
@@ -71,12 +72,12 @@ def check_cached_prefill_and_step(name, model, compiled) -> None:
     out = compiled(ids, use_cache=True)
     assert rel_err(out.logits, ref.logits) < RTOL
     nxt = models.tokens(step, seed=7)
-    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
-    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+    ref2 = model(nxt, **models.cached(model, ref), use_cache=True)
+    out2 = compiled(nxt, **models.cached(compiled, out), use_cache=True)
     assert rel_err(out2.logits, ref2.logits) < RTOL, name
     layer = next(lp for lp in compiled.plan.layers if lp.regions).layer.module.layer_idx
-    ref_state = ref2.past_key_values.layers[layer].recurrent_states[0]
-    out_state = out2.past_key_values.layers[layer].recurrent_states[0]
+    ref_state = hf.output_cache(ref2).layers[layer].recurrent_states[0]
+    out_state = hf.output_cache(out2).layers[layer].recurrent_states[0]
     assert rel_err(out_state, ref_state) < RTOL
 
 
@@ -137,7 +138,7 @@ def exercised(family) -> "graphdelta.compiler.CompiledModel":
     prefill, step = CACHED
     compiled(models.tokens(LENGTHS[-1]), use_cache=False)
     out = compiled(models.tokens(prefill), use_cache=True)
-    compiled(models.tokens(step, seed=7), past_key_values=out.past_key_values, use_cache=True)
+    compiled(models.tokens(step, seed=7), **models.cached(compiled, out), use_cache=True)
     return compiled
 
 
@@ -260,8 +261,8 @@ def test_random_padded_batches_match_eager(family, data):
     for step in range(steps):
         nxt = ref.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        ref = model(nxt, attention_mask=mask, past_key_values=ref.past_key_values, use_cache=True)
-        out = compiled(nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        ref = model(nxt, attention_mask=mask, **models.cached(model, ref), use_cache=True)
+        out = compiled(nxt, attention_mask=mask, **models.cached(compiled, out), use_cache=True)
         assert rel_err(out.logits, ref.logits) < RTOL, step
 
 
@@ -303,15 +304,15 @@ def test_low_precision_model_is_fused(family_name, dtype):
     assert counters["gated_delta_chunk"] == counters["conv"] == counters["gated_norm"] == 3, counters
     ids, nxt = models.tokens(70), models.tokens(1, seed=3)
     out = compiled(ids, use_cache=True)
-    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+    out2 = compiled(nxt, **models.cached(compiled, out), use_cache=True)
     assert out.logits.dtype == dtype and torch.isfinite(out2.logits).all()
     if family_name != "qwen3_5":
         return
     exact = models.build(family_name)
     ref = exact(ids, use_cache=True)
-    ref2 = exact(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    ref2 = exact(nxt, **models.cached(exact, ref), use_cache=True)
     low = model(ids, use_cache=True)
-    low2 = model(nxt, past_key_values=low.past_key_values, use_cache=True)
+    low2 = model(nxt, **models.cached(model, low), use_cache=True)
     for got, eager, truth in ((out, low, ref), (out2, low2, ref2)):
         assert rel_err(got.logits.float(), truth.logits) <= 1.5 * rel_err(eager.logits.float(), truth.logits) + 1e-3
 
@@ -342,13 +343,13 @@ def test_state_layouts_agree():
     for layout in ("kv", "vk"):
         compiled = graphdelta.compile(model, backend="eager", state_layout=layout)
         out = compiled(ids, use_cache=True)
-        out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+        out2 = compiled(nxt, **models.cached(compiled, out), use_cache=True)
         assert all(lp.state_layout == layout for lp in compiled.plan.layers
                    if any(r.op.endswith("gated_delta_rule") for r in lp.regions))
         logits[layout] = (out.logits, out2.logits)
-        states[layout] = out2.past_key_values.layers[0].recurrent_states[0]
+        states[layout] = hf.output_cache(out2).layers[0].recurrent_states[0]
     ref = model(ids, use_cache=True)
-    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    ref2 = model(nxt, **models.cached(model, ref), use_cache=True)
     for layout, (a, b) in logits.items():
         assert rel_err(a, ref.logits) < RTOL and rel_err(b, ref2.logits) < RTOL, layout
     # the cache holds the layout the kernels use: vk is the transpose of kv
@@ -458,6 +459,6 @@ def test_other_head_shapes_are_fused(shape):
         assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < RTOL, length
     ids, nxt = models.tokens(70), models.tokens(1, seed=3)
     ref, out = model(ids, use_cache=True), compiled(ids, use_cache=True)
-    ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
-    out2 = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+    ref2 = model(nxt, **models.cached(model, ref), use_cache=True)
+    out2 = compiled(nxt, **models.cached(compiled, out), use_cache=True)
     assert rel_err(out.logits, ref.logits) < RTOL and rel_err(out2.logits, ref2.logits) < RTOL

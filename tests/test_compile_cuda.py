@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import models
+from graphdelta import hf
 from test_compile import RTOL, TRITON_MODULES, compile_fused, rel_err, spy_implementations
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -64,13 +65,13 @@ def test_cache_matches_eager_on_the_kernels(on_gpu, monkeypatch):
     assert rel_err(out.logits, ref.logits) < TOL
     for step in range(STEPS):
         nxt = ids_on_gpu(1, seed=10 + step)
-        ref = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
-        out = compiled(nxt, past_key_values=out.past_key_values, use_cache=True)
+        ref = model(nxt, **models.cached(model, ref), use_cache=True)
+        out = compiled(nxt, **models.cached(compiled, out), use_cache=True)
         assert rel_err(out.logits, ref.logits) < TOL, step
     plan = next(lp for lp in compiled.plan.layers if lp.regions and lp.state_layout)
     layer = plan.layer.module.layer_idx
-    state = out.past_key_values.layers[layer].recurrent_states[0]
+    state = hf.output_cache(out).layers[layer].recurrent_states[0]
     if plan.state_layout == "vk":
         state = state.transpose(-1, -2)
-    assert rel_err(state, ref.past_key_values.layers[layer].recurrent_states[0]) < TOL
+    assert rel_err(state, hf.output_cache(ref).layers[layer].recurrent_states[0]) < TOL
     assert used == {op: {module} for op, module in TRITON_MODULES.items()}, used

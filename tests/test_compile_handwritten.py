@@ -90,7 +90,7 @@ def test_kernel_dispatcher_is_seen_through():
 
 @pytest.mark.parametrize("kernel, why", [
     ("leaky", "does not return (output, state)"),  # an intermediate escapes to the caller
-    ("undecayed", "differs from graphdelta.reference"),  # looks right, computes something else
+    ("undecayed", "differs from the gated delta rule"),  # looks right, computes something else
 ])
 def test_lookalike_is_kept_and_warned(kernel, why):
     model = handwritten.build(kernel)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import graphdelta
-from graphdelta.compiler import GraphLog
+from graphdelta.compiler import inner_backend
+from graphdelta.passes.norm_gate import unflatten_norm_gates
+from graphdelta.report import GraphLog
 
 D = 8
 
@@ -39,7 +41,7 @@ def test_norm_gate_rewrite(fn, shapes, rewritten):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(s, generator=g) for s in shapes]
-    log = GraphLog("eager")
+    log = GraphLog(inner_backend("eager"), rewrite=unflatten_norm_gates)
     compiled = torch.compile(fn, backend=log, fullgraph=True)
     out = compiled(*args)
     assert [r.norm_gates for r in log.graphs] == [rewritten]
