@@ -10,6 +10,8 @@ the runtime.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,6 +26,18 @@ def _values_checkable(t: torch.Tensor) -> bool:
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int (an int, or a numpy or 0-d tensor one), refused by ``name`` when it is
+    not one (a float, a bool) or is below ``minimum``."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or (minimum is not None and n < minimum):
+        raise ValueError(f"{name} must be an int{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
+    return n
 
 
 def check_tensor(name: str, t, dims: int | None = None, dtypes=FLOAT_DTYPES) -> None:
