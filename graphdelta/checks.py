@@ -31,10 +31,13 @@ def _values_checkable(t: torch.Tensor) -> bool:
 def check_int(name: str, value, minimum: int | None = None) -> int:
     """``value`` as an int (an int, or a numpy or 0-d tensor one), refused by ``name`` when it is
     not one (a float, a bool) or is below ``minimum``."""
-    try:
-        n = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        n = None
+    if type(value) is int:  # the common case, a few times per runtime step
+        n = value
+    else:
+        try:
+            n = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            n = None
     if n is None or (minimum is not None and n < minimum):
         raise ValueError(f"{name} must be an int{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
     return n

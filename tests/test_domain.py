@@ -15,14 +15,19 @@ POISON = [float("nan"), float("inf")]  # the conv's
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
+def device(request, monkeypatch) -> str:
+    """The device of a backend's inputs: the Triton kernels run on a GPU, else interpreted on CPU."""
     monkeypatch.setenv("GRAPHDELTA_BACKEND", request.param)
-    return request.param
+    return "cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def on(device: str, kw: dict) -> dict:
+    return {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
 
 
 def inputs(lengths: list[int], per_channel: bool = False, H: int = 1, HV: int = 2, K: int = 16, V: int = 16,
            seed: int = 0) -> dict:
-    """Packed float32 inputs of sequences of ``lengths`` tokens, with an initial state each."""
+    """Packed float32 inputs (CPU) of sequences of ``lengths`` tokens, with an initial state each."""
     gen = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     gshape = (1, T, HV, K) if per_channel else (1, T, HV)
@@ -47,7 +52,7 @@ def sequence(kw: dict, n: int) -> dict:
 
 @pytest.mark.parametrize("op", [gd.chunk_gated_delta_rule, gd.recurrent_gated_delta_rule])
 @pytest.mark.parametrize("poisoned,value", [(0, float("nan")), (1, float("inf"))])
-def test_non_finite_sequence_leaves_its_neighbours_alone(backend, op, poisoned, value):
+def test_non_finite_sequence_leaves_its_neighbours_alone(device, op, poisoned, value):
     """A sequence whose every input (its first token included: the CPU path once padded by
     multiplying token 0 by zero) and initial state hold ``value`` changes nothing of the
     sequences packed with it."""
@@ -57,6 +62,7 @@ def test_non_finite_sequence_leaves_its_neighbours_alone(backend, op, poisoned, 
     for name in ("q", "k", "v", "g", "beta"):
         kw[name][:, a:b] = value
     kw["initial_state"][poisoned] = value
+    kw = on(device, kw)
     o, final = op(**kw)
     for n in range(len(lengths)):
         if n == poisoned:
@@ -69,7 +75,7 @@ def test_non_finite_sequence_leaves_its_neighbours_alone(backend, op, poisoned, 
 
 
 @pytest.mark.parametrize("value", POISON)
-def test_non_finite_sequence_leaves_its_neighbours_alone_in_the_conv(backend, value):
+def test_non_finite_sequence_leaves_its_neighbours_alone_in_the_conv(device, value):
     gen = torch.Generator().manual_seed(0)
     lengths, D, W = [4, 9], 8, 4
     x = torch.randn(1, sum(lengths), D, generator=gen)
@@ -78,6 +84,7 @@ def test_non_finite_sequence_leaves_its_neighbours_alone_in_the_conv(backend, va
     state[0] = value
     cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
     weight, bias = torch.randn(D, W, generator=gen), torch.randn(D, generator=gen)
+    x, state, cu, weight, bias = (t.to(device) for t in (x, state, cu, weight, bias))
     y, final = gd.causal_conv1d(x, weight, bias, state, True, cu)
     y1, final1 = gd.causal_conv1d(x[:, lengths[0]:], weight, bias, state[1:], True)
     torch.testing.assert_close(y[:, lengths[0]:], y1)
@@ -89,19 +96,20 @@ def test_non_finite_sequence_leaves_its_neighbours_alone_in_the_conv(backend, va
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("value", [float("-inf"), -torch.finfo(torch.float32).max])
-def test_full_reset_gates_match_the_recurrent_op_and_the_reference(backend, per_channel, value):
+def test_full_reset_gates_match_the_recurrent_op_and_the_reference(device, per_channel, value):
     """g = -inf (a full reset) and the most negative float (-1e38 and below once turned every
     later gate of the chunk into 0, or summed to -inf), on the first token of a chunk, mid-chunk
     and on consecutive tokens, in a 40-token prompt."""
     kw = inputs([40], per_channel=per_channel)
     for t in (0, 7, 20, 21, 39):
         kw["g"][:, t] = value
+    kw = on(device, kw)
     o, final = gd.chunk_gated_delta_rule(**kw)
     assert torch.isfinite(o).all() and torch.isfinite(final).all()
     o_rec, final_rec = gd.recurrent_gated_delta_rule(**kw)
-    ref = reference(**{n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
-                       for n, x in kw.items()})
-    for got, want in ((o, o_rec), (final, final_rec), (o, ref[0]), (final, ref[1])):
+    ref = reference(**{n: (x.double().cpu() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+                       for n, x in on("cpu", kw).items()})
+    for got, want in ((o, o_rec), (final, final_rec), (o.cpu(), ref[0]), (final.cpu(), ref[1])):
         assert relative_error(got, want) < FP32
 
 

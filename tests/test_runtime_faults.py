@@ -108,7 +108,7 @@ def test_a_step_that_fails_while_writing_marks_its_slots_until_restored_or_freed
         runner.decode([a, b, c], [5, 5, 5])
     monkeypatch.setattr(Writes, "apply", apply)
     assert runner.cache.length(a) == 7  # the attention part never advanced
-    message = "slot 0 is unusable: a step on slots [0, 1, 2] raised OutOfMemoryError part-way"
+    message = "slot 0 is unusable: a decode step on slots [0, 1, 2] raised OutOfMemoryError part-way"
     for use in (lambda: runner.decode([a], [5]), lambda: runner.prefill([a], [[5]]),
                 lambda: runner.verify([a], torch.tensor([[5, 6]])), lambda: runner.cache.snapshot(a),
                 lambda: runner.cache.fork(a)):

@@ -151,7 +151,7 @@ class HybridCache:
         self.id = next(_cache_ids)  # snapshots carry it: another cache's snapshot is refused
         self._snapshots: dict[int, list[Snapshot]] = {}
         self._written = [0] * n  # attention positions of each slot that may hold data
-        self._failed: dict[int, str] = {}  # slot -> why it is unusable
+        self._failed: dict[int, str | tuple] = {}  # slot -> why it is unusable (see failed())
         self._pending: PendingVerify | None = None
         self._pending_lost = "no verify() ran since the last accept()"
 
@@ -209,13 +209,20 @@ class HybridCache:
             raise ValueError(f"slot {slot} is not an allocated sequence (in use: {sorted(self.allocator.in_use)})")
         if usable and slot in self._failed:
             raise SlotFailedError(
-                f"slot {slot} is unusable: {self._failed[slot]}; restore a snapshot of it (cache.restore), "
+                f"slot {slot} is unusable: {self.failed(slot)}; restore a snapshot of it (cache.restore), "
                 "truncate it to 0 tokens or free it"
             )
 
     def failed(self, slot: int) -> str | None:
         """Why ``slot`` is unusable, or None when it is fine."""
-        return self._failed.get(slot)
+        reason = self._failed.get(slot)
+        if not isinstance(reason, tuple):
+            return reason
+        what, slots, error = reason  # a step's mark (begin_step, fail_step)
+        if error is None:
+            return f"a {what} step on slots {list(slots)} did not complete"
+        return (f"a {what} step on slots {list(slots)} raised {error} part-way, after some layers may have "
+                "updated the slot's state")
 
     def length(self, slot: int) -> int:
         """Tokens ``slot`` holds (for a failed slot: before the operation that failed)."""
@@ -235,14 +242,20 @@ class HybridCache:
     def begin_step(self, slots: Sequence[int], counts: Sequence[int], what: str) -> None:
         """Start a step that feeds ``counts[i]`` tokens to ``slots[i]`` (checked distinct, usable
         and with room): the slots are marked failed until ``commit_step`` or ``abort_step``, and
-        a pending verify is dropped (a step reuses its buffers)."""
-        checks.check_slot_values("slots", slots, self.config.max_seqs)
+        a pending verify is dropped (a step reuses its buffers). A few microseconds a step: the
+        failure's message is only formatted when someone reads it."""
+        if len(slots) > 1 and len(set(slots)) != len(slots):
+            checks.check_slot_values("slots", slots, self.config.max_seqs)  # names the duplicate
         for slot, n in zip(slots, counts):
             self.check_room(slot, n)
-        self._drop_pending(f"a {what} step ran since")
+        if self._pending is not None:
+            self._drop_pending(f"a {what} step ran since")
+        reason = (what, slots, None)
         for slot, n in zip(slots, counts):
-            self._written[slot] = max(self._written[slot], self.lengths[slot] + n)
-            self._failed[slot] = f"a {what} step on slots {list(slots)} did not complete"
+            end = self.lengths[slot] + n
+            if end > self._written[slot]:
+                self._written[slot] = end
+            self._failed[slot] = reason
 
     def commit_step(self, slots: Sequence[int], counts: Sequence[int]) -> None:
         for slot, n in zip(slots, counts):  # one slot at a time: an interrupt leaves the rest marked
@@ -256,9 +269,9 @@ class HybridCache:
 
     def fail_step(self, slots: Sequence[int], error: BaseException) -> None:
         """The step raised after (maybe) writing part of the slots' states."""
+        reason = (self._failed.get(slots[0], ("",))[0], slots, type(error).__name__)
         for slot in slots:
-            self._failed[slot] = (f"a step on slots {list(slots)} raised {type(error).__name__} part-way, after "
-                                  "some layers may have updated the slot's state")
+            self._failed[slot] = reason
 
     # ------------------------------------------------------------------ speculative decoding
 

@@ -27,8 +27,7 @@ the decode and conv-update ops share), and the steps then call the ops' unchecke
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -170,20 +169,22 @@ class Runner:
         (usable and with room: ``HybridCache.begin_step``)."""
         if isinstance(slots, Tensor):
             slots = slots.tolist()
-        if isinstance(slots, (str, bytes)) or not isinstance(slots, Sequence) or not slots:
+        if not isinstance(slots, (list, tuple)) and (isinstance(slots, (str, bytes)) or not isinstance(slots, Sequence)):
+            slots = None
+        if not slots:
             raise ValueError(f"slots must be a non-empty list of slot ints, got {slots!r}")
         out = [checks.check_int(f"slots[{i}]", slot, 0) for i, slot in enumerate(slots)]
         checks.check_slot_values("slots", out, self.cache.config.max_seqs)
         return out
 
-    @contextlib.contextmanager
-    def _atomic(self, slots: list[int], counts: list[int], what: str, writes: Writes | None) -> Iterator[None]:
-        """Run a step over ``slots`` (``counts[i]`` new tokens each) as a transaction: commit on
-        success; on any exception, abort if the step wrote no state (``writes`` never started
-        applying), else leave the slots failed."""
+    def _atomic(self, slots: list[int], counts: list[int], what: str, writes: Writes | None,
+                run: Callable[[], Any]) -> Any:
+        """``run()`` a step over ``slots`` (``counts[i]`` new tokens each) as a transaction:
+        commit on success; on any exception, abort if the step wrote no state (``writes``
+        never started applying), else leave the slots failed."""
         self.cache.begin_step(slots, counts, what)
         try:
-            yield
+            result = run()
         except BaseException as err:
             if writes is not None and not writes.started:
                 self.cache.abort_step(slots)
@@ -191,6 +192,7 @@ class Runner:
                 self.cache.fail_step(slots, err)
             raise
         self.cache.commit_step(slots, counts)
+        return result
 
     # ------------------------------------------------------------------ prefill
 
@@ -219,9 +221,10 @@ class Runner:
             window=self._window(max(s + n for s, n in zip(starts, lengths))),
             cu_seqlens=cu, rows=rows, cols=torch.arange(int(cu[-1]), device=dev) - cu[rows],
         )
+        tokens = torch.cat(pieces).to(dev)[None]
         writes = Writes()
-        with self._atomic(slots, lengths, "prefill", writes):
-            return self.forward(torch.cat(pieces).to(dev)[None], batch, last_only=True, writes=writes)
+        return self._atomic(slots, lengths, "prefill", writes,
+                            lambda: self.forward(tokens, batch, last_only=True, writes=writes))
 
     # ------------------------------------------------------------------ steps
 
@@ -283,12 +286,15 @@ class Runner:
             self._graphs[key] = _Graph(self, size, T, keep)
         eager = not (self.cuda_graphs or self.compile_steps)
         writes = Writes() if eager and self.forward.stages_writes(packed=False) else None
-        with self._atomic(slots, [T] * B, "verify" if keep else "decode", writes):
+
+        def run() -> tuple[Tensor, list[LinearAux]]:
             if self.cuda_graphs:
                 logits, aux = self._graphs[key](tokens_p, slots_p, starts_p)
                 return logits[:B].clone(), aux  # inside: a failed copy must not commit the step
             logits, aux = self._run(tokens_p, slots_p, starts_p, self._window(max(starts) + T), keep, writes)
             return logits[:B], aux
+
+        return self._atomic(slots, [T] * B, "verify" if keep else "decode", writes, run)
 
     def _run(self, tokens: Tensor, slots: Tensor, starts: Tensor, window: int, keep: bool,
              writes: Writes | None = None):
