@@ -194,13 +194,13 @@ class HybridCache:
             t[slot].zero_()
         self.lengths[slot] = 0
 
-    def _clear_attention(self, slot: int, start: int = 0) -> None:
-        """Zero the attention rows of ``slot`` from ``start`` up to where anything was written."""
+    def _clear_attention(self, slot: int) -> None:
+        """Zero the attention rows of ``slot`` up to where its last sequences wrote anything."""
         end = self._written[slot]
-        if end > start:
+        if end:
             for pool in (*self.k, *self.v):
-                pool[slot, :, start:end].zero_()
-        self._written[slot] = start
+                pool[slot, :, :end].zero_()
+        self._written[slot] = 0
 
     def _check_slot(self, slot: int, usable: bool = True) -> None:
         """Raise unless ``slot`` is an allocated sequence (and, if ``usable``, not failed)."""
@@ -267,9 +267,9 @@ class HybridCache:
         for slot in slots:
             self._failed.pop(slot, None)
 
-    def fail_step(self, slots: Sequence[int], error: BaseException) -> None:
-        """The step raised after (maybe) writing part of the slots' states."""
-        reason = (self._failed.get(slots[0], ("",))[0], slots, type(error).__name__)
+    def fail_step(self, slots: Sequence[int], what: str, error: BaseException) -> None:
+        """The ``what`` step raised after (maybe) writing part of the slots' states."""
+        reason = (what, slots, type(error).__name__)
         for slot in slots:
             self._failed[slot] = reason
 
@@ -304,10 +304,11 @@ class HybridCache:
         # Everything is computed before the first write, so that a failure (out of memory)
         # changes nothing; the writes themselves run under the failed mark.
         rolled = []
+        window = n[:, None] + torch.arange(width, device=dev)[None, :]  # the W - 1 inputs before token n
         for aux, conv_pool in zip(pending.aux, self.conv):
             inputs = torch.cat([aux.conv_before[rows], aux.conv_inputs[rows].transpose(1, 2).to(conv_pool.dtype)], -1)
-            window = n[:, None] + torch.arange(width, device=dev)[None, :]  # the W - 1 inputs before token n
-            rolled.append((aux.states[rows, n - 1], torch.gather(inputs, 2, window[:, None, :].expand(-1, inputs.shape[1], -1))))
+            conv = torch.gather(inputs, 2, window[:, None, :].expand(-1, inputs.shape[1], -1))
+            rolled.append((aux.states[rows, n - 1], conv))
         for slot in pending.slots:
             self._failed[slot] = "accept() did not complete"
         for (state, conv), state_pool, conv_pool in zip(rolled, self.state, self.conv):

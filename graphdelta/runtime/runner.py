@@ -27,6 +27,7 @@ the decode and conv-update ops share), and the steps then call the ops' unchecke
 """
 from __future__ import annotations
 
+from collections import abc
 from typing import Any, Callable, Sequence
 
 import torch
@@ -169,9 +170,7 @@ class Runner:
         (usable and with room: ``HybridCache.begin_step``)."""
         if isinstance(slots, Tensor):
             slots = slots.tolist()
-        if not isinstance(slots, (list, tuple)) and (isinstance(slots, (str, bytes)) or not isinstance(slots, Sequence)):
-            slots = None
-        if not slots:
+        if isinstance(slots, (str, bytes)) or not isinstance(slots, abc.Sequence) or not slots:
             raise ValueError(f"slots must be a non-empty list of slot ints, got {slots!r}")
         out = [checks.check_int(f"slots[{i}]", slot, 0) for i, slot in enumerate(slots)]
         checks.check_slot_values("slots", out, self.cache.config.max_seqs)
@@ -189,7 +188,7 @@ class Runner:
             if writes is not None and not writes.started:
                 self.cache.abort_step(slots)
             else:
-                self.cache.fail_step(slots, err)
+                self.cache.fail_step(slots, what, err)
             raise
         self.cache.commit_step(slots, counts)
         return result
