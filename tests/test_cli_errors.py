@@ -97,6 +97,25 @@ def test_a_checkpoints_own_code_is_never_run(tmp_path):
         load_config(folder)
 
 
+def test_loading_is_offline_and_runs_no_checkpoint_code(monkeypatch):
+    """Every ``from_pretrained`` of a load (config, model, tokenizer) gets local_files_only=True
+    and trust_remote_code=False: the path is local, and an unknown ``auto_map`` must not prompt."""
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, _name=cls.__name__, **kwargs):
+            seen.append((_name, kwargs.get("local_files_only"), kwargs.get("trust_remote_code")))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    assets.load_model(DEFAULT_MODEL_DIR)
+    assert {name for name, *_ in seen} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
+    assert all(call[1:] == (True, False) for call in seen), seen
+
+
 def test_fuzz_needs_an_example(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["fuzz", "--examples", "0"])
