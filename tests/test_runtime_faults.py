@@ -245,10 +245,12 @@ def test_runner_sizes_are_checked(qwen):
 # ----------------------------------------------------------------------------- isolation
 
 
-def test_a_nan_request_reaches_no_other_sequence(qwen):
+@pytest.mark.parametrize("reuse", ["free", "truncate"])
+def test_a_nan_request_reaches_no_other_sequence(qwen, reuse):
     """A token whose embedding is NaN poisons its own sequence only: in a packed prefill next to
-    a clean prompt, and in the slot's next occupant (attention reads masked positions past a
-    sequence's length, and a masked NaN still turns the softmax into NaN)."""
+    a clean prompt, and in the slot's next sequence, after free + allocate or truncate to 0
+    (attention reads masked positions past a sequence's length, and a masked NaN still turns
+    the softmax into NaN)."""
     clean = tokens(9, seed=3)[0].tolist()
     embedding = qwen.get_input_embeddings().weight
     saved = embedding[0].clone()
@@ -260,12 +262,15 @@ def test_a_nan_request_reaches_no_other_sequence(qwen):
         logits = runner.prefill([bad, good], [[0] + clean, clean])
         assert logits[0].isnan().all()
         runner.decode([bad, good], [1, 2])
-        runner.free(bad)
+        if reuse == "free":
+            runner.free(bad)
+        else:
+            runner.cache.truncate(bad, 0)
     finally:
         with torch.no_grad():
             embedding[0] = saved
     torch.testing.assert_close(logits[1], reference(qwen, clean), atol=ATOL, rtol=0)
-    reused = runner.allocate()
+    reused = runner.allocate() if reuse == "free" else bad
     assert reused == bad
     short = clean[:4]
     torch.testing.assert_close(runner.prefill([reused], [short])[0], reference(qwen, short), atol=ATOL, rtol=0)

@@ -24,9 +24,10 @@ snapshot, truncated to 0 or freed. The same mark covers restore, fork and accept
 The mark costs a few dictionary operations per step; which steps can abort cleanly is the
 runner's business (``Runner``, "atomic steps").
 
-A slot's attention rows are zeroed up to where its previous occupant wrote when it is handed to
-a new sequence: attention reads a window past a sequence's length, masked, and a masked NaN or
-inf still poisons the softmax (NaN * 0 = NaN), so no value of one sequence may stay there.
+A slot's attention rows are zeroed up to where its previous sequence wrote when it is handed to
+a new one (allocate, fork, truncate to 0): attention reads a window past a sequence's length,
+masked, and a masked NaN or inf still poisons the softmax (NaN * 0 = NaN), so no value of one
+sequence may stay there.
 """
 from __future__ import annotations
 
@@ -400,10 +401,11 @@ class HybridCache:
             raise ValueError(f"cannot truncate slot {slot} of length {current} to {length} tokens")
         if length == current and slot not in self._failed:
             return
-        if length == 0:
+        if length == 0:  # an empty sequence, maybe another request's: as from allocate()
             self._forget_pending(slot, "truncated")
             self._invalidate(slot, keep_up_to=0)
             self._reset(slot)
+            self._clear_attention(slot)
             self._failed.pop(slot, None)
             return
         matches = [s for s in self._snapshots.get(slot, []) if s.length == length and s.valid]
