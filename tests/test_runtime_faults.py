@@ -3,6 +3,7 @@ its slots refusing use until restored), verify's pending data does not outlive t
 was taken on, snapshots stay in their cache, plans past the model's positions or the free
 memory are refused before allocating, a NaN request cannot reach another sequence, and the
 MoE switch of compiled steps is safe across threads. Tiny fp32 Qwen3-Next on CPU."""
+import os
 import re
 import threading
 import time
@@ -120,6 +121,29 @@ def test_a_step_that_fails_while_writing_marks_its_slots_until_restored_or_freed
     torch.testing.assert_close(runner.prefill([b], [prompt])[0], reference(qwen, prompt), atol=ATOL, rtol=0)
     runner.free(c)
     assert runner.allocate() == c
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels on CPU tensors")
+def test_a_step_of_the_in_place_kernels_that_raises_marks_its_slots(qwen, monkeypatch):
+    """The Triton step kernels update the pools as each layer runs: a step that raises in layer
+    3 has advanced layers 0-2, so the slot refuses use until restored; then it is exact."""
+    runner = Runner(qwen, max_seqs=2, max_len=32)
+    a = runner.allocate()
+    prompt = tokens(6, seed=5)[0].tolist()
+    runner.prefill([a], [prompt])
+    snap = runner.cache.snapshot(a)
+    monkeypatch.setenv("GRAPHDELTA_BACKEND", "triton")
+    handle = raise_in_layer(qwen, 3)
+    try:
+        with pytest.raises(Boom):
+            runner.decode([a], [5])
+    finally:
+        handle.remove()
+    assert "a decode step on slots [0] raised Boom part-way" in runner.cache.failed(a)
+    with pytest.raises(SlotFailedError):
+        runner.decode([a], [5])
+    runner.cache.restore(snap)
+    torch.testing.assert_close(runner.decode([a], [5])[0], reference(qwen, prompt + [5]), atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- accept
