@@ -4,9 +4,13 @@ Each check raises ``ValueError`` (bad shape or value) or ``TypeError`` (bad type
 naming the argument and the values it got, so that no malformed input reaches a kernel and
 silently produces a wrong answer. Checks on tensor *values* (``cu_seqlens``, ``state_indices``)
 need a device-to-host copy; they are skipped while torch.compile traces or a CUDA graph is
-being captured, where the shapes checks still run.
+being captured, where the shapes checks still run. Slot indices have one validation
+(``check_state_indices`` / ``check_slot_values``) shared by the decode and conv-update ops and
+the runtime.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -22,6 +26,21 @@ def _values_checkable(t: torch.Tensor) -> bool:
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int (an int, or a numpy or 0-d tensor one), refused by ``name`` when it is
+    not one (a float, a bool) or is below ``minimum``."""
+    if type(value) is int:  # the common case, a few times per runtime step
+        n = value
+    else:
+        try:
+            n = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            n = None
+    if n is None or (minimum is not None and n < minimum):
+        raise ValueError(f"{name} must be an int{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
+    return n
 
 
 def check_tensor(name: str, t, dims: int | None = None, dtypes=FLOAT_DTYPES) -> None:
@@ -43,9 +62,12 @@ def state_shape(n: int, hv: int, k: int, v: int, state_layout: str) -> tuple[int
     return (n, hv, k, v) if state_layout == "kv" else (n, hv, v, k)
 
 
-def check_cu_seqlens(cu_seqlens, batch: int, total: int) -> int:
-    """Validate ``cu_seqlens`` ``[N + 1]`` for a packed batch of ``total`` tokens; return N."""
+def check_cu_seqlens(cu_seqlens, batch: int, total: int, device: torch.device) -> int:
+    """Validate ``cu_seqlens`` ``[N + 1]`` for a packed batch of ``total`` tokens on ``device``;
+    return N."""
     check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=INDEX_DTYPES)
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, the tokens on {device}: put it on {device}")
     if batch != 1:
         raise ValueError(f"cu_seqlens needs a packed batch of size 1, got batch size {batch}")
     if cu_seqlens.shape[0] < 2:
@@ -59,6 +81,39 @@ def check_cu_seqlens(cu_seqlens, batch: int, total: int) -> int:
         if offsets[-1] != total:
             raise ValueError(f"cu_seqlens must end at T={total}, got last value {offsets[-1]}")
     return cu_seqlens.shape[0] - 1
+
+
+def check_slot_values(name: str, values, pool_size: int) -> None:
+    """Slot indices given as host ints (a list, or a tensor's ``tolist()``): each in
+    ``[0, pool_size)`` or -1, the only padding value, and no slot twice (two rows updating one
+    state in place race, and each backend resolves the race differently)."""
+    seen: set[int] = set()
+    for i, slot in enumerate(values):
+        if slot != -1 and not 0 <= slot < pool_size:
+            raise ValueError(
+                f"{name}[{i}] = {slot} is not a slot of the pool of {pool_size} (valid: 0 .. {pool_size - 1}, "
+                "or -1 for a padded row)"
+            )
+        if slot in seen:
+            raise ValueError(f"{name} holds slot {slot} twice ({list(values)}): each slot may appear once per call")
+        if slot != -1:
+            seen.add(slot)
+
+
+def check_state_indices(state_indices, batch: int, pool_size: int, device: torch.device,
+                        name: str = "state_indices") -> None:
+    """Validate the slot indices ``[B]`` of an in-place step on a pool of ``pool_size`` states
+    living on ``device``: dtype, shape and device always; the values (``check_slot_values``)
+    whenever they can be read without breaking a trace or a CUDA graph capture. Reading them
+    from a GPU waits for it: the runtime instead validates its host-side slot lists once per
+    step and calls the ``torch.ops.graphdelta`` ops, which do not check."""
+    check_tensor(name, state_indices, dims=1, dtypes=INDEX_DTYPES)
+    if state_indices.shape[0] != batch:
+        raise ValueError(f"{name} must be [B] = [{batch}], got {list(state_indices.shape)}")
+    if state_indices.device != device:
+        raise ValueError(f"{name} is on {state_indices.device}, the pool and the tokens on {device}")
+    if _values_checkable(state_indices):
+        check_slot_values(name, state_indices.tolist(), pool_size)
 
 
 def check_gated_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_layout) -> int:
@@ -92,7 +147,7 @@ def check_gated_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_
         raise ValueError(f"q, k, v, g, beta must be on one device, got {sorted(map(str, devices))}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, q.device)
     if initial_state is not None:
         check_tensor("initial_state", initial_state, dims=4)
         expected = state_shape(N, HV, K, V, state_layout)
@@ -118,21 +173,9 @@ def check_state_pool(q, k, v, g, beta, scale, state_pool, state_indices, state_l
             f"state_pool must be {list(expected)} for state_layout={state_layout!r}, "
             f"got {list(state_pool.shape)}"
         )
-    check_tensor("state_indices", state_indices, dims=1, dtypes=INDEX_DTYPES)
-    if state_indices.shape[0] != B:
-        raise ValueError(f"state_indices must be [B] = [{B}], got {list(state_indices.shape)}")
-    if state_pool.device != q.device or state_indices.device != q.device:
-        raise ValueError(
-            f"state_pool ({state_pool.device}) and state_indices ({state_indices.device}) "
-            f"must be on q's device {q.device}"
-        )
-    if _values_checkable(state_indices) and B > 0:
-        lo, hi = int(state_indices.min()), int(state_indices.max())
-        if lo < -1 or hi >= state_pool.shape[0]:
-            raise ValueError(
-                f"state_indices must lie in [-1, {state_pool.shape[0] - 1}] (pool size "
-                f"{state_pool.shape[0]}), got min {lo} max {hi}"
-            )
+    if state_pool.device != q.device:
+        raise ValueError(f"state_pool is on {state_pool.device}, q on {q.device}")
+    check_state_indices(state_indices, B, state_pool.shape[0], q.device)
 
 
 def check_conv(x, weight, bias, state, activation, state_name: str = "initial_state") -> None:
@@ -169,7 +212,9 @@ def check_gated_norm(x, gate, weight, eps, activation) -> None:
     check_tensor("x", x)
     check_tensor("gate", gate)
     check_tensor("weight", weight, dims=1)
-    if x.dim() < 1 or gate.shape != x.shape:
+    if x.dim() < 1:
+        raise ValueError(f"x must be [..., D] with at least one dimension, got a 0-dim tensor ({x.item()!r})")
+    if gate.shape != x.shape:
         raise ValueError(f"gate must have x's shape {list(x.shape)}, got {list(gate.shape)}")
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [D] = [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")

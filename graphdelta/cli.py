@@ -24,16 +24,33 @@ def _device(name: str) -> str:
     return name
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Everything ``generate`` can refuse, refused before a model is loaded or compiled."""
+    from graphdelta.runtime.generate import check_sampling
+
+    if args.max_new_tokens < 0:
+        raise SystemExit(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise SystemExit("--prompt is empty: give some text to continue")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        raise SystemExit(f"--{str(err).replace('_', '-')}") from None
+    if args.model is not None and not args.model.is_dir():
+        raise SystemExit(f"--model: {args.model} does not exist: give a local transformers checkpoint folder")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_generate_args(args)
     import torch
 
     import graphdelta
-    from graphdelta.assets import load_model
+    from graphdelta.assets import CheckpointError, load_model
 
     device = _device(args.device)
-    try:
-        model, tokenizer = load_model(args.model, getattr(torch, args.dtype), device)
-    except FileNotFoundError as err:
+    try:  # a checkpoint with missing or unexpected weights is refused, not run with random ones
+        model, tokenizer = load_model(args.model, getattr(torch, args.dtype), device, strict=True)
+    except (FileNotFoundError, CheckpointError) as err:
         raise SystemExit(f"--model: {err}")
     target = model
     if not args.no_compile:
@@ -58,12 +75,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from graphdelta.assets import DEFAULT_MODEL_DIR
+    from graphdelta.assets import DEFAULT_MODEL_DIR, CheckpointError, auto_model_class, load_config
+
+    path = args.model or DEFAULT_MODEL_DIR
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise SystemExit(f"--lengths must be positive prompt lengths, comma-separated, got {args.lengths!r}")
     from graphdelta.report import main as report_main
 
-    argv = [str(args.model or DEFAULT_MODEL_DIR), "--lengths", args.lengths, "--backend", args.backend,
-            "--state-layout", args.state_layout]
-    return report_main(argv)
+    argv = [str(path), "--lengths", args.lengths, "--backend", args.backend, "--state-layout", args.state_layout]
+    try:  # a missing path or a folder that is not a model: one line, before anything is loaded
+        auto_model_class(load_config(path))
+        return report_main(argv)
+    except CheckpointError as err:
+        raise SystemExit(f"graphdelta explain: {err}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, impl in implementations().items():
             print(f"{name:18s} device={impl.device} needs={impl.needs or '-'}")
         return 0
+    if args.examples < 1:
+        parser.error(f"--examples must be at least 1, got {args.examples}")
     if args.impl not in implementations():
         parser.error(f"unknown --impl {args.impl!r}; choose from {', '.join(implementations())}")
     if args.impl.endswith("triton") and not torch.cuda.is_available():

@@ -33,12 +33,30 @@ def _gated_delta_fake(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk
     return o, state
 
 
+def _empty(x: Tensor) -> bool:
+    """No token at all (B == 0 or T == 0): every op's answer is then known without a kernel
+    (zero outputs, states unchanged), and the kernels and the CPU path need not handle it."""
+    return x.shape[0] == 0 or x.shape[1] == 0
+
+
+def _gated_delta_empty(q, v, initial_state, cu_seqlens, state_layout) -> tuple[Tensor, Tensor]:
+    B, T, _, K = q.shape
+    HV, V = v.shape[2:]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = v.new_zeros(checks.state_shape(N, HV, K, V, state_layout), dtype=_state_dtype(v))
+    if initial_state is not None:
+        final.copy_(initial_state)
+    return v.new_zeros(B, T, HV, V), final
+
+
 @torch.library.custom_op("graphdelta::chunk_gated_delta_rule", mutates_args=())
 def _chunk_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
     initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
     use_qk_l2norm_in_kernel: bool, state_layout: str,
 ) -> tuple[Tensor, Tensor]:
+    if _empty(q):
+        return _gated_delta_empty(q, v, initial_state, cu_seqlens, state_layout)
     fn = implementation("chunk_gated_delta_rule", q)
     o, final = fn(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout)
     return o.contiguous(), final.contiguous()
@@ -50,6 +68,8 @@ def _recurrent_op(
     initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
     use_qk_l2norm_in_kernel: bool, state_layout: str,
 ) -> tuple[Tensor, Tensor]:
+    if _empty(q):
+        return _gated_delta_empty(q, v, initial_state, cu_seqlens, state_layout)
     fn = implementation("recurrent_gated_delta_rule", q)
     o, final = fn(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout)
     return o.contiguous(), final.contiguous()
@@ -65,6 +85,10 @@ def _decode_op(
     state_indices: Tensor, scale: float, use_qk_l2norm_in_kernel: bool, state_layout: str,
     output_intermediate_states: bool,
 ) -> tuple[Tensor, Tensor]:
+    if _empty(q):  # the pool is left as it is
+        B, T = q.shape[:2]
+        inter_shape = (B, T, *state_pool.shape[1:]) if output_intermediate_states else (0,)
+        return v.new_zeros(v.shape), state_pool.new_zeros(inter_shape)
     fn = implementation("gated_delta_rule_decode", q)
     o, inter = fn(q, k, v, g, beta, state_pool, state_indices, scale, use_qk_l2norm_in_kernel,
                   state_layout, output_intermediate_states)
@@ -84,6 +108,11 @@ def _conv_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor], activation: Optional[str],
 ) -> tuple[Tensor, Tensor]:
+    if _empty(x):  # no new input: the state is the initial one (zeros without one)
+        N = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        if initial_state is not None:
+            return x.new_zeros(x.shape), initial_state.clone()
+        return x.new_zeros(x.shape), x.new_zeros(N, x.shape[2], weight.shape[1] - 1, dtype=_state_dtype(x))
     y, final = implementation("causal_conv1d", x)(x, weight, bias, initial_state, cu_seqlens, activation)
     return y.contiguous(), final.contiguous()
 
@@ -104,6 +133,8 @@ def _conv_update_op(
     x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
     state_indices: Optional[Tensor], activation: Optional[str],
 ) -> Tensor:
+    if _empty(x):  # the pool is left as it is
+        return x.new_zeros(x.shape)
     y = implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, state_indices, activation)
     return y.contiguous()
 
@@ -300,7 +331,7 @@ def causal_conv1d(
     checks.check_conv(x, weight, bias, initial_state, activation)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, D], got shape {list(x.shape)}")
-    N = x.shape[0] if cu_seqlens is None else checks.check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
+    N = x.shape[0] if cu_seqlens is None else checks.check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
     if initial_state is not None and initial_state.shape[0] != N:
         raise ValueError(f"initial_state must hold N={N} states, got shape {list(initial_state.shape)}")
     y, final = torch.ops.graphdelta.causal_conv1d(x, weight, bias, initial_state, cu_seqlens, activation)
@@ -332,9 +363,7 @@ def causal_conv1d_update(
         raise ValueError(f"x must be [B, D] or [B, T, D], got shape {list(x.shape)}")
     x3 = x.unsqueeze(1) if x.dim() == 2 else x
     if state_indices is not None:
-        checks.check_tensor("state_indices", state_indices, dims=1, dtypes=checks.INDEX_DTYPES)
-        if state_indices.shape[0] != x.shape[0]:
-            raise ValueError(f"state_indices must be [B] = [{x.shape[0]}], got {list(state_indices.shape)}")
+        checks.check_state_indices(state_indices, x.shape[0], conv_state.shape[0], x.device)
     elif conv_state.shape[0] < x.shape[0]:
         raise ValueError(f"conv_state holds {conv_state.shape[0]} states for a batch of {x.shape[0]}")
     y = torch.ops.graphdelta.causal_conv1d_update(x3, conv_state, weight, bias, state_indices, activation)

@@ -193,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from graphdelta.assets import auto_model_class
+    from graphdelta.assets import auto_model_class, load_checkpoint, load_config
 
-    config = transformers.AutoConfig.from_pretrained(args.path)
+    config = load_config(args.path)  # offline, no checkpoint code
     auto = auto_model_class(config)
     has_weights = os.path.isdir(args.path) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(args.path))
     if has_weights:
-        model = auto.from_pretrained(args.path, dtype=torch.float32)
+        model = load_checkpoint(args.path, torch.float32, strict=True)
     else:
         model = auto.from_config(config)
     model = model.float().eval()

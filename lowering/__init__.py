@@ -51,6 +51,12 @@ def backend_for(t: torch.Tensor) -> str:
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"GRAPHDELTA_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        if forced == "triton" and t.device.type not in ("cuda", "meta") and not _interpreted():
+            raise ValueError(
+                f"GRAPHDELTA_BACKEND=triton needs CUDA tensors, got tensors on {t.device}: set "
+                "TRITON_INTERPRET=1 before importing graphdelta to run the kernels on CPU (slowly), "
+                "or GRAPHDELTA_BACKEND=torch"
+            )
         return forced
     # The kernels compute in fp32 at most; float64 (a reference-grade request) stays in PyTorch.
     if t.is_cuda and t.dtype != torch.float64:

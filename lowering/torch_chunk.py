@@ -12,6 +12,11 @@ chunk start (notation of the DeltaNet / Gated DeltaNet papers)::
 
 Every quantity except the scan over chunks is computed for all chunks at once; every exponent
 is a difference inside a chunk, with the non-causal entries masked before the exp.
+
+The gate's whole domain is legal: g = -inf (a full reset) or -1e38 would make those differences
+-inf - (-inf) = NaN, or absorb every later gate of the chunk into the huge one. Each token's g is
+first raised to ``gate_floor`` (exp of it is ~0 in the compute dtype), so the cumulative sums
+stay finite and exact enough.
 """
 from __future__ import annotations
 
@@ -32,6 +37,13 @@ def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
+def gate_floor(dtype: torch.dtype) -> float:
+    """The lowest log-decay the chunked op works with: exp(-80) = 1.8e-35 in float32 (exp(-700)
+    in float64) is as good as 0 next to any O(1) term, and it is the smallest normal-range value
+    (see ``decay``). Used for a single token's g and for an exponent of ``decay`` alike."""
+    return -700.0 if dtype == torch.float64 else -80.0
+
+
 def decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``exp(x)`` for log-decays ``x <= 0``; with ``mask``, exactly 0 where it is False.
 
@@ -40,7 +52,7 @@ def decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     there (Qwen3-Next prefill: 2.8x slower decay matrices), and no sum of O(1) terms can see
     them. Masked entries go through exp(0) and are zeroed after: exp(-inf) is a slow path too.
     """
-    floor = -700.0 if x.dtype == torch.float64 else -80.0
+    floor = gate_floor(x.dtype)
     if mask is None:
         return x.clamp_min(floor).exp()
     return torch.where(mask, x.clamp_min(floor), 0.0).exp_().mul_(mask)
@@ -164,6 +176,7 @@ def chunk_gated_delta_rule(
     out_dtype, cdt = v.dtype, compute_dtype(v.dtype)
     per_channel = g.dim() == 4
     q, k, v, g, beta = (x.to(cdt) for x in (q, k, v, g, beta))
+    g = g.clamp_min(gate_floor(cdt))  # -inf and -1e38 are legal gates (see the module doc)
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q = q * scale

@@ -16,7 +16,8 @@ in-kernel q/k l2-normalization.
 
 Every exponent is a "later minus earlier" difference of the cumulative gate inside one chunk,
 masked to -inf before the exp wherever it would not be, so no exp sees a positive argument
-however strong the decay (tested down to g = -30 per token). Arithmetic is fp32; products of
+however strong the decay. Each g is raised to -80 before the cumulative sum, so g = -inf (a full
+reset) and g = -1e38 stay finite (tests/test_domain.py). Arithmetic is fp32; products of
 16-bit inputs may use tf32 (``dot_precision``), the triangular solve never does.
 """
 from __future__ import annotations

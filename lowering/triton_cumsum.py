@@ -3,6 +3,10 @@
 ``G[t] = sum of g over the chunk's tokens up to and including t``, restarting at every chunk
 (chunks are counted from the start of each sequence). Every later exponent is a difference of
 two G of one chunk, so G never needs to leave the chunk.
+
+Each g is first raised to ``GATE_FLOOR`` (as ``torch_chunk.gate_floor`` does on CPU): g = -inf,
+a legal full reset, would make those differences -inf - (-inf) = NaN, and g = -1e38 would absorb
+every later gate of the chunk; exp(-80) is as good as 0 next to any O(1) term.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import triton
 import triton.language as tl
 
 from .triton_chunk_utils import ChunkPlan, autotune, chunk_span, constexpr_flags
+
+GATE_FLOOR = tl.constexpr(-80.0)
 
 
 @triton.heuristics(constexpr_flags("IS_VARLEN"))
@@ -31,11 +37,11 @@ def chunk_cumsum_kernel(
         o_k = tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
         o_x = (o_t[:, None] * HV + i_hv) * K + o_k[None, :]
-        b_g = tl.load(g + o_x, mask=m, other=0.0).to(tl.float32)
+        b_g = tl.maximum(tl.load(g + o_x, mask=m, other=0.0).to(tl.float32), GATE_FLOOR)
         tl.store(gc + o_x, tl.cumsum(b_g, axis=0), mask=m)
     else:
         o_x = o_t * HV + i_hv
-        b_g = tl.load(g + o_x, mask=m_t, other=0.0).to(tl.float32)
+        b_g = tl.maximum(tl.load(g + o_x, mask=m_t, other=0.0).to(tl.float32), GATE_FLOOR)
         tl.store(gc + o_x, tl.cumsum(b_g, axis=0), mask=m_t)
 
 

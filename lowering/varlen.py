@@ -2,7 +2,9 @@
 
 ``cu_seqlens`` ``[N + 1]`` describes N sequences packed along T of a ``B == 1`` batch. The
 PyTorch implementations work on a padded batch ``[N, L, ...]`` instead, where padding tokens
-are given zero key, value, beta and gate so that they leave every state unchanged.
+are given zero key, value, beta and gate so that they leave every state unchanged. Padding is
+*selected* to zero, never multiplied by zero: a padding entry gathers token 0 of the packed
+batch, and NaN * 0 = NaN would carry a non-finite first token into every other sequence.
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ class Packing:
         return Packing(index=index, valid=valid, lengths=lengths)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """``[1, T, ...]`` -> ``[N, L, ...]`` with zeros at padding."""
+        """``[1, T, ...]`` -> ``[N, L, ...]`` with zeros at padding (whatever token 0 holds)."""
         out = x[0][self.index]
         mask = self.valid.view(*self.valid.shape, *([1] * (x.dim() - 2)))
-        return out * mask.to(out.dtype)
+        return torch.where(mask, out, 0)
 
     def unpad(self, y: torch.Tensor, total: int) -> torch.Tensor:
         """``[N, L, ...]`` -> ``[1, T, ...]``."""

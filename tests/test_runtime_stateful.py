@@ -9,9 +9,17 @@ zeroed state, a fork that copies too little, a snapshot that outlives the tokens
 at) shows up as a wrong logit at the next call on that slot. Calls the cache must refuse
 (truncating to a length it holds no snapshot for, restoring a stale snapshot) are checked to
 raise and to change nothing. Tiny fp32 models on CPU (tests/models.py) of three families; a few
-hundred calls per family in the ``ci`` hypothesis profile."""
+hundred calls per family in the ``ci`` hypothesis profile.
+
+Faults: a prefill, decode or verify can be made to raise (an exception or KeyboardInterrupt) in
+a random module of a random layer, in the n-th call of one of graphdelta's ops, or after the
+step applied some of its state writes. After each, every slot of the call either is as before
+(the retried call must give transformers' logits on the slot's history) or refuses use with
+``SlotFailedError`` until it is restored from a snapshot, truncated to 0 or freed."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 
 import pytest
@@ -20,8 +28,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from graphdelta import ops
+from graphdelta.lowering import torch_conv, torch_recurrent
 from graphdelta.runtime import Runner
-from graphdelta.runtime.cache import Snapshot
+from graphdelta.runtime.cache import SlotFailedError, Snapshot
+from graphdelta.runtime.forward import Writes
 
 from models import build, build_newer, newer_available
 
@@ -32,12 +43,70 @@ ATOL = 2e-5
 token_lists = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12)
 
 _models: dict = {}
+COUNTS: collections.Counter = collections.Counter()  # over all runs: faults injected, retried, refused
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    """Print the fault counts (seen with ``pytest -s``, e.g. for a HYPOTHESIS_PROFILE=fuzz run)."""
+    yield
+    print(f"\nruntime state machine: {dict(COUNTS)}")
 
 
 def model(family: str) -> torch.nn.Module:
     if family not in _models:
         _models[family] = build_newer(family, layers=4) if family == "bailing_hybrid" else build(family)
     return _models[family]
+
+
+class Boom(Exception):
+    """An injected fault."""
+
+
+# graphdelta's op functions the runtime calls on CPU (prefill: the public ops; steps: the rows).
+OPS = [(ops, "causal_conv1d"), (ops, "chunk_gated_delta_rule"), (torch_conv, "conv_update_rows"),
+       (torch_recurrent, "decode_rows")]
+
+
+@contextlib.contextmanager
+def fault(model: torch.nn.Module, kind: str, where: int, error: type[BaseException]):
+    """Within the block, the runtime raises ``error`` at a place ``where`` picks: a submodule of
+    a layer (``kind="module"``), the n-th call of an op (``"op"``), or after the n-th pool write
+    of a step (``"writes"``). A place the call never reaches raises nothing."""
+    with pytest.MonkeyPatch.context() as mp:
+        if kind == "module":
+            layers = model.model.layers
+            modules = list(layers[where % len(layers)].modules())
+
+            def hook(*_):
+                raise error("injected in a module")
+
+            handle = modules[where // len(layers) % len(modules)].register_forward_pre_hook(hook)
+            try:
+                yield
+            finally:
+                handle.remove()
+            return
+        if kind == "op":
+            module, name = OPS[where % len(OPS)]
+            real, left = getattr(module, name), [where // len(OPS) % 3]
+
+            def flaky(*args, **kwargs):
+                if left[0] == 0:
+                    raise error(f"injected in {name}")
+                left[0] -= 1
+                return real(*args, **kwargs)
+
+            mp.setattr(module, name, flaky)
+        else:
+            def apply_some(self):
+                self.started = True
+                for pool, rows, values in self.pending[: where % (len(self.pending) + 1)]:
+                    pool.index_copy_(0, rows, values)
+                raise error("injected while writing")
+
+            mp.setattr(Writes, "apply", apply_some)
+        yield
 
 
 @dataclasses.dataclass
@@ -57,6 +126,7 @@ class RunnerMachine(RuleBasedStateMachine):
         self.runner = Runner(self.model, max_seqs=MAX_SEQS, max_len=MAX_LEN, state_layout=self.state_layout)
         self.history: dict[int, list[int]] = {}  # slot -> every token it was given
         self.saved: list[Saved] = []
+        self.faults = self.retried = self.refused = 0  # injected faults that raised; their outcomes
         slot = self.runner.allocate()
         self.history[slot] = first
         self.expect(self.runner.prefill([slot], [first]), first)
@@ -109,49 +179,111 @@ class RunnerMachine(RuleBasedStateMachine):
         del self.history[slot]
         self.stale(slot, longer_than=-1)
 
+    def draw_call(self, data, kind: str, drafts: int = 1):
+        """Slots and tokens of a ``kind`` call (None when no slot has room)."""
+        slots = self.draw_slots(data, need=drafts + 1 if kind == "verify" else 1)
+        if not slots:
+            return None
+        if kind == "prefill":
+            return slots, [data.draw(token_lists.filter(lambda t, s=s: len(t) <= self.room(s))) for s in slots]
+        width = 1 if kind == "decode" else drafts + 1
+        tokens = [data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=width, max_size=width)) for _ in slots]
+        return slots, tokens
+
+    def call(self, kind: str, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        if kind == "prefill":
+            return self.runner.prefill(slots, tokens)
+        if kind == "decode":
+            return self.runner.decode(slots, [t[0] for t in tokens])
+        return self.runner.verify(slots, torch.tensor(tokens))
+
+    def check(self, data, kind: str, slots: list[int], tokens: list[list[int]], logits: torch.Tensor) -> None:
+        """The logits of a call that went through; then (verify) accept a drawn count each."""
+        if kind != "verify":
+            for row, (slot, piece) in enumerate(zip(slots, tokens)):
+                self.history[slot] += piece
+                self.expect(logits[row : row + 1], self.history[slot])
+            return
+        starts = {s: len(self.history[s]) for s in slots}
+        for row, slot in enumerate(slots):
+            self.expect(logits[row], self.history[slot] + tokens[row])
+        counts = [data.draw(st.integers(1, len(tokens[0]))) for _ in slots]
+        self.runner.accept(counts)
+        for slot, piece, n in zip(slots, tokens, counts):
+            self.history[slot] += piece[:n]
+            self.cut(slot, starts[slot] + n)
+        self.probe(slots[0], tokens[0][0])
+
     @precondition(lambda self: self.history)
     @rule(data=st.data())
     def prefill(self, data):
-        slots = self.draw_slots(data)
-        if not slots:
-            return
-        pieces = [data.draw(token_lists.filter(lambda t, s=s: len(t) <= self.room(s))) for s in slots]
-        logits = self.runner.prefill(slots, pieces)
-        for row, (slot, piece) in enumerate(zip(slots, pieces)):
-            self.history[slot] += piece
-            self.expect(logits[row : row + 1], self.history[slot])
+        drawn = self.draw_call(data, "prefill")
+        if drawn:
+            self.check(data, "prefill", *drawn, self.call("prefill", *drawn))
 
     @precondition(lambda self: self.history)
     @rule(data=st.data())
     def decode(self, data):
-        slots = self.draw_slots(data)  # an empty slot too: its first token can be a step
-        if not slots:
-            return
-        tokens = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=len(slots), max_size=len(slots)))
-        logits = self.runner.decode(slots, tokens)
-        for row, (slot, token) in enumerate(zip(slots, tokens)):
-            self.history[slot].append(token)
-            self.expect(logits[row : row + 1], self.history[slot])
+        drawn = self.draw_call(data, "decode")  # an empty slot too: its first token can be a step
+        if drawn:
+            self.check(data, "decode", *drawn, self.call("decode", *drawn))
 
     @precondition(lambda self: self.history)
     @rule(data=st.data(), drafts=st.integers(1, 3))
     def verify_and_accept(self, data, drafts):
-        slots = self.draw_slots(data, need=drafts + 1)
-        if not slots:
+        drawn = self.draw_call(data, "verify", drafts)
+        if drawn:
+            self.check(data, "verify", *drawn, self.call("verify", *drawn))
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data(), call=st.sampled_from(["prefill", "decode", "verify"]), drafts=st.integers(1, 2),
+          kind=st.sampled_from(["module", "op", "writes"]), where=st.integers(0, 1000),
+          error=st.sampled_from([Boom, KeyboardInterrupt]))
+    def faulty_call(self, data, call, drafts, kind, where, error):
+        drawn = self.draw_call(data, call, drafts)
+        if not drawn:
             return
-        width = drafts + 1
-        tokens = torch.tensor([data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=width, max_size=width))
-                               for _ in slots])
-        logits = self.runner.verify(slots, tokens)
-        starts = {s: len(self.history[s]) for s in slots}
-        for row, slot in enumerate(slots):
-            self.expect(logits[row], self.history[slot] + tokens[row].tolist())
-        counts = [data.draw(st.integers(1, width)) for _ in slots]
-        self.runner.accept(counts)
-        for row, (slot, n) in enumerate(zip(slots, counts)):
-            self.history[slot] += tokens[row, :n].tolist()
-            self.cut(slot, starts[slot] + n)
-        self.probe(slots[0], int(tokens[0, 0]))
+        slots, tokens = drawn
+        with fault(self.model, kind, where, error):
+            try:
+                logits = self.call(call, slots, tokens)
+            except error:
+                logits = None
+        if logits is not None:  # the fault sat where this call never went
+            self.check(data, call, slots, tokens, logits)
+            return
+        self.faults += 1
+        failed = [s for s in slots if self.runner.cache.failed(s)]
+        if not failed:  # nothing was written: the retry is the call itself
+            self.retried += 1
+            self.check(data, call, slots, tokens, self.call(call, slots, tokens))
+            return
+        assert failed == slots, (failed, slots)  # a step's writes cover all its slots
+        for slot in slots:
+            self.refused += 1
+            with pytest.raises(SlotFailedError, match=f"slot {slot} is unusable"):
+                self.runner.decode([slot], [0])
+            with pytest.raises(SlotFailedError, match=f"slot {slot} is unusable"):
+                self.runner.cache.snapshot(slot)
+            self.recover(data, slot)
+
+    def recover(self, data, slot: int) -> None:
+        """Bring a failed slot back: restore one of its valid snapshots, or truncate it to 0, or free it."""
+        snaps = [s for s in self.saved if s.valid and s.snapshot.slot == slot]
+        way = data.draw(st.sampled_from(["restore", "truncate", "free"] if snaps else ["truncate", "free"]))
+        if way == "restore":
+            s = data.draw(st.sampled_from(snaps))
+            self.runner.cache.restore(s.snapshot)
+            self.cut(slot, len(s.tokens))
+            self.probe(slot, 0)
+        elif way == "truncate":
+            self.runner.cache.truncate(slot, 0)
+            self.cut(slot, 0)
+            self.probe(slot, 0)
+        else:
+            self.runner.free(slot)
+            del self.history[slot]
+            self.stale(slot, longer_than=-1)
 
     # ------------------------------------------------------------------ snapshots and cuts
 
@@ -204,6 +336,9 @@ class RunnerMachine(RuleBasedStateMachine):
         assert slot not in self.history
         self.history[slot] = tokens
         self.probe(slot, token)
+
+    def teardown(self):
+        COUNTS.update(runs=1, faults=self.faults, retried=self.retried, refused=self.refused)
 
     # ------------------------------------------------------------------ invariants
 

@@ -55,16 +55,44 @@ def test_bad_cu_seqlens_raises(changes, message):
 def test_bad_decode_inputs_raise():
     kw = {n: BASE[n] for n in ("q", "k", "v", "g", "beta")}
     pool = torch.zeros(3, 4, 16, 8)
-    with pytest.raises(ValueError, match=_escape("state_indices must lie in [-1, 2] (pool size 3), got min -2 max 1")):
-        gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([-2, 1]))
-    with pytest.raises(ValueError, match=_escape("max 3")):
-        gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=_escape("state_pool must be [3, 4, 8, 16] for state_layout='vk'")):
         gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([0, 1]), state_layout="vk")
     with pytest.raises(TypeError, match="state_pool has dtype torch.bfloat16"):
         gd.gated_delta_rule_decode(**kw, state_pool=pool.bfloat16(), state_indices=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=_escape("state_indices must be [B] = [2]")):
         gd.gated_delta_rule_decode(**kw, state_pool=pool, state_indices=torch.tensor([0]))
+
+
+def _decode(indices, pool_size=3):
+    kw = {n: BASE[n] for n in ("q", "k", "v", "g", "beta")}
+    gd.gated_delta_rule_decode(**kw, state_pool=torch.zeros(pool_size, 4, 16, 8), state_indices=indices)
+
+
+def _conv_update(indices, pool_size=3):
+    gd.causal_conv1d_update(torch.randn(2, 6), torch.zeros(pool_size, 6, 3), torch.randn(6, 4), state_indices=indices)
+
+
+@pytest.mark.parametrize("op", [_decode, _conv_update])
+@pytest.mark.parametrize("indices,error,message", [
+    (torch.tensor([0, 3]), ValueError, "state_indices[1] = 3 is not a slot of the pool of 3 (valid: 0 .. 2, or -1 "
+     "for a padded row)"),  # one past the pool: the Triton conv update wrote there
+    (torch.tensor([-2, 1]), ValueError, "state_indices[0] = -2 is not a slot"),  # -1 is the only padding
+    (torch.tensor([1, 1]), ValueError, "state_indices holds slot 1 twice ([1, 1])"),  # each backend differed
+    (torch.tensor([0, 1], device="meta"), ValueError, "state_indices is on meta, the pool and the tokens on cpu"),
+    (torch.tensor([0.0, 1.0]), TypeError, "state_indices has dtype torch.float32"),
+    (torch.tensor([[0, 1]]), ValueError, "state_indices must have 1 dimensions"),
+])
+def test_slot_indices_have_one_validation(op, indices, error, message):
+    """The decode and conv-update ops share one check of their slot indices: range, padding,
+    duplicates, dtype, device (an index tensor on meta sent the conv update to its fake, which
+    left the pool untouched and returned uninitialized memory)."""
+    with pytest.raises(error, match=_escape(message)):
+        op(indices)
+
+
+def test_padding_may_repeat():
+    _decode(torch.tensor([-1, -1]))
+    _conv_update(torch.tensor([-1, 2]))
 
 
 def test_bad_conv_inputs_raise():
@@ -83,6 +111,32 @@ def test_bad_conv_inputs_raise():
         gd.causal_conv1d_update(x[:, 0], torch.randn(2, 6, 1), w)
     with pytest.raises(ValueError, match="conv_state holds 1 states for a batch of 2"):
         gd.causal_conv1d_update(x[:, 0], torch.randn(1, 6, 3), w)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: gd.chunk_gated_delta_rule(**{**VARLEN, "cu_seqlens": torch.tensor([0, 2, 5], device="meta")}),
+     "cu_seqlens is on meta, the tokens on cpu"),
+    (lambda: gd.causal_conv1d(torch.randn(1, 5, 6), torch.randn(6, 4), cu_seqlens=torch.tensor([0, 2, 5], device="meta")),
+     "cu_seqlens is on meta, the tokens on cpu"),
+    (lambda: gd.gated_rms_norm(torch.tensor(1.0), torch.tensor(1.0), torch.ones(1)),
+     "x must be [..., D] with at least one dimension, got a 0-dim tensor (1.0)"),
+])
+def test_misplaced_or_shapeless_inputs_raise(call, message):
+    with pytest.raises(ValueError, match=_escape(message)):
+        call()
+
+
+def test_triton_backend_without_a_gpu_or_the_interpreter_raises(monkeypatch):
+    from graphdelta import lowering
+
+    monkeypatch.setenv("GRAPHDELTA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=_escape("GRAPHDELTA_BACKEND=triton needs CUDA tensors, got tensors on cpu: "
+                                                 "set TRITON_INTERPRET=1")):
+        lowering.backend_for(torch.zeros(1))
+    if not torch.cuda.is_available():  # the public op says the same before any kernel runs
+        with pytest.raises(ValueError, match="GRAPHDELTA_BACKEND=triton needs CUDA tensors"):
+            gd.chunk_gated_delta_rule(**BASE)
 
 
 def test_unknown_backend_raises(monkeypatch):

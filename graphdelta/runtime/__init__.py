@@ -12,14 +12,17 @@ forward over the cache with graphdelta's ops), ``cache.py`` (buffers, slots, sna
     logits = runner.decode([a, b], logits.argmax(-1).tolist())  # one static step
     snap = runner.cache.snapshot(a)                             # branch / prefix reuse point
     c = runner.cache.fork(snap)
+
+A call that raises part-way leaves its slots as they were, or unusable (``SlotFailedError``)
+until ``runner.cache.restore(snap)``, ``truncate(slot, 0)`` or ``free(slot)``: see runner.py.
 """
-from graphdelta.runtime.cache import CacheConfig, HybridCache, SlotAllocator, Snapshot
+from graphdelta.runtime.cache import CacheConfig, HybridCache, SlotAllocator, SlotFailedError, Snapshot
 from graphdelta.runtime.generate import generate, sample
 from graphdelta.runtime.layers import ModelSpec, layer_kinds
 from graphdelta.runtime.planner import MemoryPlan, plan_memory
 from graphdelta.runtime.runner import Runner
 
 __all__ = [
-    "CacheConfig", "HybridCache", "SlotAllocator", "Snapshot", "ModelSpec", "layer_kinds",
+    "CacheConfig", "HybridCache", "SlotAllocator", "SlotFailedError", "Snapshot", "ModelSpec", "layer_kinds",
     "MemoryPlan", "plan_memory", "Runner", "generate", "sample",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from graphdelta import lowering, ops
 from graphdelta.lowering import torch_conv, torch_recurrent
-from graphdelta.runtime.cache import HybridCache
+from graphdelta.runtime.cache import HybridCache, LinearAux
 
 
 @dataclasses.dataclass
@@ -70,13 +71,30 @@ class Batch:
         return (self.slots >= 0)[:, None].expand(-1, self.width)
 
 
-@dataclasses.dataclass
-class LinearAux:
-    """What a verify step keeps for one linear layer, to roll back to any of its T tokens."""
+class Writes:
+    """The state-pool writes of one forward, applied together after its last layer and its head.
 
-    states: Tensor  # [B, T, heads, ...] recurrent state after each token
-    conv_before: Tensor  # [B, conv_dim, W - 1] conv state before the step
-    conv_inputs: Tensor  # [B, T, conv_dim] conv inputs of the step
+    A forward that raises before ``apply`` (an exception in a layer, out of memory, Ctrl-C) has
+    then written no conv or recurrent state, and the runner can leave its slots as they were.
+    Only the Triton decode and conv-update kernels write their pools in place, during the
+    forward. Holding the new states until the end costs no copy (they are computed out of place
+    anyway) and keeps one step's new states alive at once: N sequences x the per-sequence
+    state of all linear layers (``MemoryPlan.fixed_bytes_per_sequence``).
+    """
+
+    def __init__(self):
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.started = False  # apply() began: some pools may hold the new states
+
+    def add(self, pool: Tensor, rows: Tensor, values: Tensor) -> None:
+        """Queue ``pool[rows[i]] = values[i]`` (pool ``[S, ...]``, rows ``[N]``, values ``[N, ...]``)."""
+        self.pending.append((pool, rows, values))
+
+    def apply(self) -> None:
+        self.started = True
+        for pool, rows, values in self.pending:
+            pool.index_copy_(0, rows, values)
+        self.pending.clear()
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -215,19 +233,6 @@ class LinearAttention(nn.Module):
         spec = cache.spec.linear
         self.k_dim, self.v_dim = spec.k_dim, spec.v_dim
         self.key_dim = (spec.conv_dim - spec.heads * spec.v_dim) // 2  # q (and k) channels of the conv
-        self._seen: set = set()
-
-    def _checked(self, x: Tensor) -> bool:
-        """Whether a step of this shape already went through the ops' validation once: steps
-        then call the ``torch.ops.graphdelta`` ops directly, without their per-call checks
-        (the slot indices come from the runner, not from a user)."""
-        if torch.compiler.is_compiling():
-            return False  # traced once: the checks cost nothing at run time
-        key = (x.shape, x.dtype, x.device, x.dim())
-        if key in self._seen:
-            return True
-        self._seen.add(key)
-        return False
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> conv input ``[B, T, conv_dim]``, g, beta, output gate ``[B, T, HV, V]``."""
@@ -236,7 +241,10 @@ class LinearAttention(nn.Module):
     def finish(self, o: Tensor, gate: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, batch: Batch, aux: list) -> Tensor:
+    def forward(self, x: Tensor, batch: Batch, aux: list, writes: Writes) -> Tensor:
+        """Steps call the ``torch.ops.graphdelta`` ops, which do not check their inputs: the
+        runner validated its slot lists on the host (``checks.check_slot_values``), and a
+        check of the index tensors would wait for the GPU at every step."""
         B, T = x.shape[:2]
         conv_pool, state_pool = self.cache.conv[self.index], self.cache.state[self.index]
         layout = self.cache.state_layout
@@ -247,7 +255,7 @@ class LinearAttention(nn.Module):
                 mixed, weight, bias, initial_state=conv_pool[batch.slots], output_final_state=True,
                 cu_seqlens=batch.cu_seqlens, activation=self.activation,
             )
-            conv_pool[batch.slots] = conv_final
+            writes.add(conv_pool, batch.slots, conv_final)
         else:
             plain = lowering.backend_for(mixed) == "torch"
             # Padded rows use the sentinel row, so the PyTorch path needs no mask or branch and
@@ -258,12 +266,10 @@ class LinearAttention(nn.Module):
                 conv_inputs = mixed
             if plain:
                 mixed, new_conv = torch_conv.conv_update_rows(mixed, conv_before, weight, bias, self.activation)
-                conv_pool.index_copy_(0, rows, new_conv)
-            elif self._checked(mixed):
+                writes.add(conv_pool, rows, new_conv)
+            else:
                 mixed = torch.ops.graphdelta.causal_conv1d_update(
                     mixed, conv_pool, weight, bias, batch.slots, self.activation)
-            else:
-                mixed = ops.causal_conv1d_update(mixed, conv_pool, weight, bias, batch.slots, self.activation)
         q, k, v = torch.split(mixed, [self.key_dim, self.key_dim, mixed.shape[-1] - 2 * self.key_dim], dim=-1)
         q, k = q.reshape(B, T, -1, self.k_dim), k.reshape(B, T, -1, self.k_dim)
         v = v.reshape(B, T, -1, self.v_dim)
@@ -272,22 +278,17 @@ class LinearAttention(nn.Module):
                 q, k, v, g, beta, initial_state=state_pool[batch.slots], output_final_state=True,
                 cu_seqlens=batch.cu_seqlens, use_qk_l2norm_in_kernel=True, state_layout=layout,
             )
-            state_pool[batch.slots] = final
+            writes.add(state_pool, batch.slots, final)
         else:
             if plain:
                 o, states, new_state = torch_recurrent.decode_rows(
                     q, k, v, g, beta, state_pool.index_select(0, rows), self.k_dim ** -0.5, True, layout,
                     batch.keep_intermediate)
-                state_pool.index_copy_(0, rows, new_state)
-            elif self._checked(q):
+                writes.add(state_pool, rows, new_state)
+            else:
                 o, states = torch.ops.graphdelta.gated_delta_rule_decode(
                     q, k, v, g, beta, state_pool, batch.slots, self.k_dim ** -0.5, True, layout,
                     batch.keep_intermediate)
-            else:
-                o, states = ops.gated_delta_rule_decode(
-                    q, k, v, g, beta, state_pool, batch.slots, use_qk_l2norm_in_kernel=True, state_layout=layout,
-                    output_intermediate_states=batch.keep_intermediate,
-                )
             if batch.keep_intermediate:
                 aux.append(LinearAux(states, conv_before, conv_inputs))
         return self.finish(o, gate)
@@ -396,15 +397,25 @@ def static_experts(configs: list[Any]) -> Iterator[None]:
     histc and fallback op stay outside inductor's kernels). Only for captured or compiled
     steps: eagerly, ``grouped_mm`` is 5x faster at batch 16 (tiny MoE block: 0.96 ms against
     4.8 ms) and 2x faster at batch 1 on the mid-size benchmark model (batched_mm copies the
-    experts)."""
-    saved = [c._experts_implementation for c in configs]
-    try:
-        for c in configs:
-            c._experts_implementation = "batched_mm"
-        yield
-    finally:
-        for c, impl in zip(configs, saved):
-            c._experts_implementation = impl
+    experts).
+
+    transformers reads the implementation from the model's config at call time and has no
+    argument for it, so the config is switched and restored, under one lock: steps of
+    different threads would otherwise save each other's switched value and leave the user's
+    model on ``batched_mm``. Compiled CPU steps of all runners therefore take turns; CUDA graph
+    replays never enter here (only their capture does)."""
+    with _EXPERTS_LOCK:
+        saved = [c._experts_implementation for c in configs]
+        try:
+            for c in configs:
+                c._experts_implementation = "batched_mm"
+            yield
+        finally:
+            for c, impl in zip(configs, saved):
+                c._experts_implementation = impl
+
+
+_EXPERTS_LOCK = threading.RLock()
 
 
 class HybridForward(nn.Module):
@@ -431,10 +442,19 @@ class HybridForward(nn.Module):
         self.pre_norm = [hasattr(layer, "input_layernorm") for layer in self.base.layers]
         self.experts_configs = experts_configs(model)
 
-    def forward(self, tokens: Tensor, batch: Batch, aux: list | None = None, last_only: bool = False) -> Tensor:
+    def stages_writes(self, packed: bool) -> bool:
+        """Whether a forward writes the linear layers' states only through ``Writes``: prefill
+        always, steps on the PyTorch path (the Triton step kernels update the pools in place)."""
+        return packed or not self.cache.conv or lowering.backend_for(self.cache.conv[0]) == "torch"
+
+    def forward(self, tokens: Tensor, batch: Batch, aux: list | None = None, last_only: bool = False,
+                writes: Writes | None = None) -> Tensor:
         """tokens ``[1, total]`` (prefill) or ``[N, T]`` (step) -> logits ``[N, V]`` at each
-        sequence's last token (``last_only``, prefill) or ``[N, T, V]``."""
+        sequence's last token (``last_only``, prefill) or ``[N, T, V]``. The conv and recurrent
+        states are written after the head (``Writes``); attention K/V as each layer runs, at
+        positions past the slots' lengths (``HybridCache`` counts them only once a step commits)."""
         aux = [] if aux is None else aux
+        writes = Writes() if writes is None else writes
         x = self.base.embed_tokens(tokens)
         rope = None
         if self.rotary is not None:
@@ -447,7 +467,7 @@ class HybridForward(nn.Module):
         for layer, mixer, pre_norm in zip(self.base.layers, self.mixers, self.pre_norm):
             h = layer.input_layernorm(x) if pre_norm else x
             if isinstance(mixer, LinearAttention):
-                h = mixer(h, batch, aux)
+                h = mixer(h, batch, aux, writes)
             else:
                 h = mixer(h, batch, rope)
             x = x + (h if pre_norm else layer.post_attention_layernorm(h))
@@ -457,4 +477,6 @@ class HybridForward(nn.Module):
             x = x + (h if pre_norm else layer.post_feedforward_layernorm(h))
         if last_only:
             x = x[0, batch.cu_seqlens[1:] - 1] if batch.packed else x[:, -1]
-        return self.head(self.base.norm(x))
+        logits = self.head(self.base.norm(x))
+        writes.apply()
+        return logits

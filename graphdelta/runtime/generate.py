@@ -8,13 +8,15 @@ free their slot for the next prompt.
 from __future__ import annotations
 
 import collections
-import operator
+import math
 import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from graphdelta import checks
+from graphdelta.runtime.layers import ModelSpec
 from graphdelta.runtime.runner import Runner, compiled_state_layout, token_ids, unwrap
 
 _runners: "weakref.WeakKeyDictionary[torch.nn.Module, Runner]" = weakref.WeakKeyDictionary()
@@ -25,12 +27,7 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
     """Next tokens ``[B]`` from logits ``[B, V]``: greedy when ``temperature == 0``, else sampled
     from the softmax at ``temperature`` restricted to the ``top_k`` most likely tokens and to the
     smallest set whose probability reaches ``top_p``."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -45,6 +42,17 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse, by name, sampling settings that are not numbers in range (NaN included)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None:
+        checks.check_int("top_k", top_k, 1)
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def _eos_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> set[int]:
@@ -110,13 +118,11 @@ def generate(
     Returns:
         The new tokens of each prompt, in prompt order (ending with the EOS token if one came).
     """
-    try:  # an int, or a numpy or 0-d tensor one
-        count = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)
-    except TypeError:
-        count = None
-    if count is None or count < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    max_new_tokens = count
+    max_new_tokens = checks.check_int("max_new_tokens", max_new_tokens, 0)
+    check_sampling(temperature, top_k, top_p)
+    max_batch = checks.check_int("max_batch", max_batch, 1)
+    if max_len is not None:
+        max_len = checks.check_int("max_len", max_len, 1)
     if isinstance(prompts, (str, bytes)):
         raise TypeError(f"prompts must be token ids, one sequence per prompt, got {type(prompts).__name__} "
                         f"{prompts[:40]!r}: tokenize it first")
@@ -128,6 +134,10 @@ def generate(
     if max_new_tokens == 0 or not prompts:
         return outputs
     longest = max(len(p) for p in prompts) + max_new_tokens
+    positions = ModelSpec.from_config(unwrap(model).config).max_positions if runner is None else runner.spec.max_positions
+    if positions is not None and longest > positions:
+        raise ValueError(f"a prompt of {longest - max_new_tokens} tokens + max_new_tokens={max_new_tokens} is "
+                         f"{longest} positions, past the model's max_position_embeddings={positions}")
     if runner is None:
         runner = runner_for(model, max_seqs=max_batch, max_len=max(max_len or 0, longest), compile_steps=compile_steps)
     if longest > runner.cache.max_len:

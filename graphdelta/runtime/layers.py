@@ -98,6 +98,7 @@ class ModelSpec:
     linear: LinearSpec
     vocab_size: int
     hidden_size: int
+    max_positions: int | None = None  # the config's max_position_embeddings
 
     @property
     def attention_layers(self) -> list[int]:
@@ -135,4 +136,6 @@ class ModelSpec:
                 f"OLMo-Hybrid and Bailing-Hybrid configs, got model_type={model_type!r}; compiled.generate "
                 f"(transformers' generate over graphdelta.compile's graphs) runs the others"
             )
-        return cls(family, kinds, attention, linear, config.vocab_size, config.hidden_size)
+        positions = getattr(config, "max_position_embeddings", None)
+        positions = positions if isinstance(positions, int) and positions > 0 else None
+        return cls(family, kinds, attention, linear, config.vocab_size, config.hidden_size, positions)

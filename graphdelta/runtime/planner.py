@@ -8,6 +8,7 @@ including one sentinel row (attention, conv and recurrent) that padded rows of a
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -71,3 +72,37 @@ def plan_memory(config_or_spec: Any, dtype: torch.dtype = torch.bfloat16,
         conv_bytes_per_sequence=n_lin * lin.conv_dim * (lin.conv_width - 1) * _itemsize(dtype),
         recurrent_bytes_per_sequence=n_lin * lin.heads * lin.k_dim * lin.v_dim * _itemsize(state_dtype),
     )
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a new allocation on ``device``: the GPU's free memory, the host's
+    ``MemAvailable`` (Linux) or free pages; None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(plan: MemoryPlan, sequences: int, max_len: int, device: torch.device) -> None:
+    """Refuse, naming the numbers, a cache of ``sequences`` x ``max_len`` tokens larger than the
+    memory free on ``device`` (generate(max_new_tokens=10**8) once tried 429 GiB)."""
+    need = plan.total_bytes(sequences, max_len)
+    free = available_bytes(device)
+    if free is not None and need > free:
+        gib = 2 ** 30
+        raise MemoryError(
+            f"a cache of {sequences} sequences x {max_len} tokens needs {need / gib:.2f} GiB ({need} bytes), "
+            f"more than the {free / gib:.2f} GiB free on {device}: lower max_len (or max_new_tokens) or the "
+            "number of sequences"
+        )

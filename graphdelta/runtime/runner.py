@@ -9,18 +9,33 @@
   replayed; slots are inputs, so sequences joining and leaving never force a re-capture. On
   CPU the same step runs eagerly.
 - ``verify(slots, tokens)`` then ``accept(counts)``: run k + 1 tokens per sequence keeping the
-  state after each, then roll every sequence back to its last accepted token.
+  state after each, then roll every sequence back to its last accepted token (the cache's
+  ``accept``).
+
+Atomic steps: each call is a transaction over its slots (``HybridCache.begin_step``). An eager
+step holds the new conv and recurrent states until after the model's head (``Writes``), so a
+step that raises in any layer (an exception, out of memory, Ctrl-C) has written no state: its
+slots stay as they were, and retrying it gives the same logits as if it had never run. Where a
+step writes its pools as it goes (the Triton step kernels, a compiled step, a CUDA graph
+replay) or fails while applying the writes, its slots are marked failed instead: any later use
+raises ``SlotFailedError`` until the slot is restored from a snapshot, truncated to 0 or freed.
+Neither costs a copy: a few dictionary operations per step (BENCHMARKS.md, "atomic steps").
+
+Slot lists are validated on the host once per call (``checks.check_slot_values``, the check
+the decode and conv-update ops share), and the steps then call the ops' unchecked
+``torch.ops.graphdelta`` entries: checking index tensors would wait for a GPU at every step.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+from collections import abc
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from graphdelta.runtime.cache import CacheConfig, HybridCache
-from graphdelta.runtime.forward import Batch, HybridForward, LinearAux, static_experts
+from graphdelta import checks
+from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, PendingVerify
+from graphdelta.runtime.forward import Batch, HybridForward, Writes, static_experts
 from graphdelta.runtime.layers import ModelSpec
 
 WINDOW_BLOCK = 64  # CPU steps read the cache up to the longest sequence, rounded up to this
@@ -73,16 +88,6 @@ def buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
-@dataclasses.dataclass
-class _Pending:
-    """A verify step waiting for ``accept``."""
-
-    slots: list[int]
-    starts: list[int]
-    width: int
-    aux: list[LinearAux]
-
-
 class _Graph:
     """One bucket's step captured as a CUDA graph over static inputs."""
 
@@ -115,28 +120,34 @@ class Runner:
         self,
         model: Any,
         max_seqs: int = 8,
-        max_len: int = 1024,
+        max_len: int | None = None,
         max_batch: int | None = None,
         state_layout: str | None = None,
         cuda_graphs: bool | None = None,
         compile_steps: bool = False,
     ):
+        """``max_len`` (tokens per sequence) defaults to 1024, or the model's
+        ``max_position_embeddings`` when that is smaller; a longer one, or a cache larger than
+        the device's free memory, is refused before anything is allocated."""
+        max_seqs = checks.check_int("max_seqs", max_seqs, 1)
+        max_batch = max_seqs if max_batch is None else checks.check_int("max_batch", max_batch, 1)
         state_layout = state_layout or compiled_state_layout(model) or "kv"
         self.model = unwrap(model).eval()
         param = next(self.model.parameters())
         self.device = param.device
         self.spec = ModelSpec.from_config(self.model.config)
+        if max_len is None:
+            max_len = min(1024, self.spec.max_positions or 1024)
         self.vocab = self.model.get_input_embeddings().num_embeddings
         self.cache = HybridCache(self.spec, CacheConfig(max_seqs, max_len, param.dtype, param.device, state_layout))
         self.forward = HybridForward(self.model, self.cache)
-        self.max_batch = min(max_batch or max_seqs, max_seqs)
+        self.max_batch = min(max_batch, max_seqs)
         self.buckets = buckets(self.max_batch)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on CUDA, got {self.device}")
         self._graphs: dict[tuple[int, int, bool], _Graph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self._pending: _Pending | None = None
         # torch.compile of the step (inductor), one compilation per bucket; the window is then
         # fixed at max_len like under CUDA graphs, so the shapes never change within a bucket.
         self.compile_steps = compile_steps
@@ -152,25 +163,50 @@ class Runner:
         return self.cache.allocate()
 
     def free(self, slot: int) -> None:
-        self._pending = None
         self.cache.free(slot)
+
+    def _slots(self, slots: Sequence[int]) -> list[int]:
+        """The host-side validation of a call's slots: ints, each a slot of the cache, none twice
+        (usable and with room: ``HybridCache.begin_step``)."""
+        if isinstance(slots, Tensor):
+            slots = slots.tolist()
+        if isinstance(slots, (str, bytes)) or not isinstance(slots, abc.Sequence) or not slots:
+            raise ValueError(f"slots must be a non-empty list of slot ints, got {slots!r}")
+        out = [checks.check_int(f"slots[{i}]", slot, 0) for i, slot in enumerate(slots)]
+        checks.check_slot_values("slots", out, self.cache.config.max_seqs)
+        return out
+
+    def _atomic(self, slots: list[int], counts: list[int], what: str, writes: Writes | None,
+                run: Callable[[], Any]) -> Any:
+        """``run()`` a step over ``slots`` (``counts[i]`` new tokens each) as a transaction:
+        commit on success; on any exception, abort if the step wrote no state (``writes``
+        never started applying), else leave the slots failed."""
+        self.cache.begin_step(slots, counts, what)
+        try:
+            result = run()
+        except BaseException as err:
+            if writes is not None and not writes.started:
+                self.cache.abort_step(slots)
+            else:
+                self.cache.fail_step(slots, what, err)
+            raise
+        self.cache.commit_step(slots, counts)
+        return result
 
     # ------------------------------------------------------------------ prefill
 
     @torch.no_grad()
     def prefill(self, slots: Sequence[int], pieces: Sequence[Sequence[int] | Tensor]) -> Tensor:
         """Feed the next piece of each slot's prompt; returns the logits after each piece ``[N, V]``."""
-        if len(slots) != len(pieces) or not slots:
+        slots = self._slots(slots)
+        if len(slots) != len(pieces):
             raise ValueError(f"prefill needs one piece per slot, got {len(slots)} slots and {len(pieces)} pieces")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"prefill slots must be distinct, got {list(slots)}")
         pieces = [token_ids(p, f"the piece for slot {slot}", self.vocab).reshape(-1) for slot, p in zip(slots, pieces)]
         lengths = [int(p.numel()) for p in pieces]
         for slot, n in zip(slots, lengths):
             if n == 0:
                 raise ValueError(f"prefill got an empty piece for slot {slot}")
             self.cache.check_room(slot, n)
-        self._pending = None
         dev = self.device
         starts = [self.cache.lengths[s] for s in slots]
         lengths_t = torch.tensor(lengths, device=dev)
@@ -184,16 +220,17 @@ class Runner:
             window=self._window(max(s + n for s, n in zip(starts, lengths))),
             cu_seqlens=cu, rows=rows, cols=torch.arange(int(cu[-1]), device=dev) - cu[rows],
         )
-        logits = self.forward(torch.cat(pieces).to(dev)[None], batch, last_only=True)
-        for slot, n in zip(slots, lengths):
-            self.cache.lengths[slot] += n
-        return logits
+        tokens = torch.cat(pieces).to(dev)[None]
+        writes = Writes()
+        return self._atomic(slots, lengths, "prefill", writes,
+                            lambda: self.forward(tokens, batch, last_only=True, writes=writes))
 
     # ------------------------------------------------------------------ steps
 
     @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int] | Tensor) -> Tensor:
         """One token for each slot; returns the next-token logits ``[B, V]``."""
+        slots = self._slots(slots)
         tokens = token_ids(tokens, "decode tokens", self.vocab)
         if tokens.numel() != len(slots):
             raise ValueError(f"decode needs one token per slot, got {tokens.numel()} tokens for slots {list(slots)}")
@@ -205,39 +242,19 @@ class Runner:
     def verify(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
         """Run ``[B, k + 1]`` tokens (the last accepted token and k drafts) per slot, keeping the
         state after each; returns their logits ``[B, k + 1, V]``. Call ``accept`` next."""
+        slots = self._slots(slots)
         tokens = token_ids(tokens, "verify tokens", self.vocab)
-        if tokens.dim() != 2 or tokens.shape[0] != len(slots):
+        if tokens.dim() != 2 or tokens.shape[0] != len(slots) or tokens.shape[1] < 1:
             raise ValueError(f"verify needs tokens [B={len(slots)}, k + 1], got shape {list(tokens.shape)}")
         starts = [self.cache.length(s) for s in slots]
         logits, aux = self._step(slots, tokens, keep=True)
-        self._pending = _Pending(list(slots), starts, tokens.shape[1], aux)
+        self.cache.set_pending(PendingVerify(slots, starts, tokens.shape[1], aux))
         return logits
 
-    @torch.no_grad()
     def accept(self, counts: Sequence[int]) -> None:
         """Keep the first ``counts[b]`` (1 .. k + 1) tokens of the last ``verify`` for each of its
-        slots: states, conv states and lengths go back exactly to that token."""
-        pending = self._pending
-        if pending is None:
-            raise RuntimeError("accept() needs a verify() just before it (another call came in between)")
-        if len(counts) != len(pending.slots) or not all(1 <= c <= pending.width for c in counts):
-            raise ValueError(
-                f"accept needs one count in [1, {pending.width}] per verified slot {pending.slots}, got {list(counts)}"
-            )
-        dev = self.device
-        rows = torch.arange(len(counts), device=dev)
-        n = torch.tensor(list(counts), dtype=torch.long, device=dev)
-        slots = torch.tensor(pending.slots, dtype=torch.long, device=dev)
-        width = self.spec.linear.conv_width - 1
-        for aux, conv_pool, state_pool in zip(pending.aux, self.cache.conv, self.cache.state):
-            state_pool[slots] = aux.states[rows, n - 1]
-            inputs = torch.cat([aux.conv_before[rows], aux.conv_inputs[rows].transpose(1, 2).to(conv_pool.dtype)], -1)
-            window = n[:, None] + torch.arange(width, device=dev)[None, :]  # the W - 1 inputs before token n
-            conv_pool[slots] = torch.gather(inputs, 2, window[:, None, :].expand(-1, inputs.shape[1], -1))
-        for slot, start, c in zip(pending.slots, pending.starts, counts):
-            self.cache.lengths[slot] = start + c
-            self.cache._invalidate(slot, keep_up_to=start + c)
-        self._pending = None
+        slots (``HybridCache.accept``)."""
+        self.cache.accept(counts)
 
     def _window(self, longest: int) -> int:
         if self.cuda_graphs or self.compile_steps:
@@ -250,39 +267,41 @@ class Runner:
                 return b
         raise ValueError(f"batch of {batch} sequences exceeds max_batch={self.max_batch}")
 
-    def _step(self, slots: Sequence[int], tokens: Tensor, keep: bool) -> tuple[Tensor, list[LinearAux]]:
+    def _step(self, slots: list[int], tokens: Tensor, keep: bool) -> tuple[Tensor, list[LinearAux]]:
         B, T = tokens.shape
-        if B == 0 or len(set(slots)) != len(slots):
-            raise ValueError(f"a step needs distinct slots, got {list(slots)}")
         for slot in slots:
             self.cache.check_room(slot, T)
-        self._pending = None
         size = self.bucket(B)
         dev = self.device
         starts = [self.cache.lengths[s] for s in slots]
         tokens_p = torch.zeros(size, T, dtype=torch.long, device=dev)
         tokens_p[:B] = tokens.to(dev)
         slots_p = torch.full((size,), -1, dtype=torch.long, device=dev)
-        slots_p[:B] = torch.tensor(list(slots), dtype=torch.long, device=dev)
+        slots_p[:B] = torch.tensor(slots, dtype=torch.long, device=dev)
         starts_p = torch.zeros(size, dtype=torch.long, device=dev)
         starts_p[:B] = torch.tensor(starts, dtype=torch.long, device=dev)
-        if self.cuda_graphs:
-            key = (size, T, keep)
-            if key not in self._graphs:
-                self._graphs[key] = _Graph(self, size, T, keep)
-            logits, aux = self._graphs[key](tokens_p, slots_p, starts_p)
-        else:
-            logits, aux = self._run(tokens_p, slots_p, starts_p, self._window(max(starts) + T), keep)
-        for slot in slots:
-            self.cache.lengths[slot] += T
-        return (logits[:B].clone() if self.cuda_graphs else logits[:B]), aux
+        key = (size, T, keep)
+        if self.cuda_graphs and key not in self._graphs:  # captured on padded rows, outside the step
+            self._graphs[key] = _Graph(self, size, T, keep)
+        eager = not (self.cuda_graphs or self.compile_steps)
+        writes = Writes() if eager and self.forward.stages_writes(packed=False) else None
 
-    def _run(self, tokens: Tensor, slots: Tensor, starts: Tensor, window: int, keep: bool):
+        def run() -> tuple[Tensor, list[LinearAux]]:
+            if self.cuda_graphs:
+                logits, aux = self._graphs[key](tokens_p, slots_p, starts_p)
+                return logits[:B].clone(), aux  # inside: a failed copy must not commit the step
+            logits, aux = self._run(tokens_p, slots_p, starts_p, self._window(max(starts) + T), keep, writes)
+            return logits[:B], aux
+
+        return self._atomic(slots, [T] * B, "verify" if keep else "decode", writes, run)
+
+    def _run(self, tokens: Tensor, slots: Tensor, starts: Tensor, window: int, keep: bool,
+             writes: Writes | None = None):
         """The static step: shapes depend only on (bucket, T, window)."""
         batch = Batch(slots, starts, tokens.shape[1], window, keep_intermediate=keep)
         aux: list[LinearAux] = []
         if not (self.cuda_graphs or self.compile_steps):
-            return self._forward(tokens, batch, aux), aux  # the model's own MoE dispatch
+            return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
         with static_experts(self.forward.experts_configs):
             logits = self._forward(tokens, batch, aux)
