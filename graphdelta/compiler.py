@@ -87,21 +87,29 @@ def call_class(args: tuple, kwargs: dict) -> tuple:
     return shape_of(args), shape_of(kwargs)
 
 
-def inner_backend(name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable]:
+def inner_backend(name: str) -> Callable[..., Callable]:
     """The backend that compiles the rewritten graph: inductor (with the CPU decompositions of
-    graphdelta's norm and conv, so that it fuses them with their neighbours), aot_eager or eager."""
+    graphdelta's norm and conv, so that it fuses them with their neighbours), aot_eager or eager.
+
+    torch.compile hands a custom backend its ``mode`` and ``options`` as keyword arguments;
+    inductor takes them as the config patches ``torch.compile`` itself would apply
+    (``mode="reduce-overhead"``: CUDA graphs), the other backends take none (``compile``
+    refuses them by name before any work)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
-    def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], mode: str | None = None,
+                      options: dict[str, Any] | None = None) -> Callable:
         if name == "inductor":
+            from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
             from torch._inductor.decomposition import select_decomp_table
 
             from graphdelta.ops import inductor_decompositions
 
             table = {**select_decomp_table(), **inductor_decompositions()}
-            return compile_fx(gm, example_inputs, decompositions=table)
+            patches = {**(list_mode_options(mode) if mode else {}), **(options or {})}
+            return compile_fx(gm, example_inputs, config_patches=patches, decompositions=table)
         if name == "aot_eager":
             return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
         return gm.forward
@@ -297,6 +305,16 @@ def compile(
         raise ValueError(f"dynamic must be True, False or None, got {dynamic!r}")
     if backend not in BACKENDS:  # before the passes' probe runs the model
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    mode = compile_kwargs.get("mode")
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        if mode not in list_mode_options():
+            raise ValueError(f"mode must be one of {sorted(list_mode_options())}, got {mode!r}")
+        if backend != "inductor" and mode != "default":
+            raise ValueError(f"mode={mode!r} configures inductor; backend={backend!r} takes no mode")
+    if compile_kwargs.get("options") and backend != "inductor":
+        raise ValueError(f"options configure inductor; backend={backend!r} takes none")
     if probe is None and _vocab_size(model) is None:
         # No probe to build: the first call of each kind is the probe (see CompiledModel). That
         # call runs the original functions on whatever state the caller holds, so states stay

@@ -59,7 +59,7 @@ def _guard_text(failure: str) -> str:
 class GraphLog:
     """A backend in front of ``inner`` that records every graph it is asked to compile."""
 
-    def __init__(self, compile_graph: Callable[[torch.fx.GraphModule, list[Any]], Callable],
+    def __init__(self, compile_graph: Callable[..., Callable],
                  layer_classes: tuple[type, ...] = (), rewrite: Callable[[torch.fx.GraphModule], int] | None = None):
         self.compile_graph = compile_graph  # the inner backend (``graphdelta.compiler.backend``)
         self.rewrite = rewrite  # a graph rewrite run before it; returns how many sites it changed
@@ -95,7 +95,9 @@ class GraphLog:
         order = sorted(latest, key=lambda e: int(e.rsplit("/", 1)[1]))
         return "guard failed: " + " | ".join(f"{e}: {latest[e]}" for e in order)
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **compile_options: Any) -> Callable:
+        """Record ``gm`` and compile it; ``compile_options`` are torch.compile's ``mode`` and
+        ``options``, which it hands to a custom backend as keyword arguments."""
         ops: collections.Counter[str] = collections.Counter()
         leftovers: collections.Counter[str] = collections.Counter()
         attention: collections.Counter[str] = collections.Counter()
@@ -124,7 +126,7 @@ class GraphLog:
         start = time.perf_counter()
         record.norm_gates = self.rewrite(gm) if self.rewrite else 0
         try:
-            compiled = self.compile_graph(gm, example_inputs)
+            compiled = self.compile_graph(gm, example_inputs, **compile_options)
         except Exception as e:
             # Dynamo may catch this and trace the frame again (e.g. to specialize a size):
             # the next record then says why.

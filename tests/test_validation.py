@@ -151,11 +151,27 @@ def test_unknown_backend_raises(monkeypatch):
     (None, dict(backend="cudagraphs"), ValueError, "backend must be one of ('inductor', 'aot_eager', 'eager'), "
      "got 'cudagraphs'"),
     (None, dict(dynamic="yes"), ValueError, "dynamic must be True, False or None, got 'yes'"),
+    (None, dict(mode="fast"), ValueError, "mode must be one of"),
+    (None, dict(backend="eager", mode="reduce-overhead"), ValueError,
+     "mode='reduce-overhead' configures inductor; backend='eager' takes no mode"),
 ])
 def test_bad_compile_arguments_raise(model, kwargs, error, message):
     """Checked before the passes run the model (a module that is never called suffices)."""
     with pytest.raises(error, match=_escape(message)):
         gd.compile(torch.nn.Identity() if model is None else model, **kwargs)
+
+
+def test_compile_mode_reaches_inductor():
+    """torch.compile hands a custom backend its mode as a keyword argument: graphdelta's backend
+    takes it and gives inductor the same config patches (it used to fail with a TypeError)."""
+    from graphdelta.compiler import inner_backend
+    from graphdelta.report import GraphLog
+
+    torch._dynamo.reset()
+    log = GraphLog(inner_backend("inductor"))
+    fn = torch.compile(lambda x: x * 2 + 1, backend=log, mode="reduce-overhead")
+    x = torch.randn(4)
+    assert torch.equal(fn(x), x * 2 + 1) and len(log.graphs) == 1
 
 
 def _escape(s: str) -> str:
