@@ -161,8 +161,8 @@ def explain(compiled) -> str:
                 lines.append(f"      a call with arguments never confirmed ran as written: {key}")
         for callee, why, family in lp.fallbacks:
             lines.append(f"  fallback {callee} [{family}]: {why}")
-        if lp.state_layout:
-            lines.append(f"  state layout: {lp.state_layout} ({lp.layout_reason})")
+        if lp.state_layout or lp.layout_reason:
+            lines.append(f"  state layout: {lp.state_layout or 'per function'} ({lp.layout_reason})")
         if lp.unprobed and (lp.regions or lp.fallbacks):
             lines.append(f"  never called while probing (run as written if called): {', '.join(lp.unprobed)}")
     counts = ", ".join(f"{k}={v}" for k, v in sorted(plan.counters.items())) or "none"

@@ -82,8 +82,8 @@ def substitute(plan: Plan) -> Plan:
                 lp.replacements[name] = fn
             lp.regions.append(Region(name, rec.op, rec.evidence, len(rec.variants)))
             plan.count(rec.counter)
-        if lp.state_layout == "vk":
-            # a function never called while probing might read the state: in vk it must not run
+        if lp.flipped:
+            # a function never called while probing might read the state: in the other layout it must not run
             for name in lp.unprobed:
                 key = (lp.path, name, "never probed")
                 guard = built.setdefault(key, (None, _refuse_in_vk(lp.path, lp.layer.callees[name].fn)))[1]
@@ -95,8 +95,8 @@ def _refuse_in_vk(path: str, fn: Callable) -> Callable:
     def never_probed(*args, **kwargs):
         raise RuntimeError(
             f"graphdelta: layer {path} called {fn.__name__}, which never ran while probing, and the layer keeps "
-            "its recurrent state in the vk layout, which that function cannot be trusted to read. Compile with "
-            "state_layout='kv' or 'auto', or pass a probe that reaches this call.")
+            "its recurrent state in a layout the user's code does not, which that function cannot be trusted to "
+            "read. Compile with state_layout='auto', or pass a probe that reaches this call.")
     never_probed.__name__ = f"graphdelta_never_probed_{fn.__name__}"
     return never_probed
 

@@ -47,17 +47,23 @@ CASES = ("typical", "gates", "norms")
 
 @dataclasses.dataclass(frozen=True)
 class Roles:
-    """Parameter names of the gated-delta inputs in one function's signature."""
+    """Parameter names of the gated-delta inputs in one function's signature, and its layouts."""
 
     q: str
     k: str
     v: str
     g: str
     beta: str
-    state: str | None  # the initial state, [B, HV, K, V]
+    state: str | None  # the initial state, [B, HV, K, V] or [B, HV, V, K]
+    heads_first: bool = False  # arguments [B, H, T, .] (else [B, T, H, .]); outputs alike
+    state_layouts: tuple[str, ...] = ("kv",)  # the state layouts its shapes allow ("kv", "vk")
 
     def tensors(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v, self.g, self.beta)
+
+    def to_function(self, x: torch.Tensor) -> torch.Tensor:
+        """A ``[B, T, H, .]`` tensor in the function's argument layout (and back: it is its own inverse)."""
+        return x.transpose(1, 2) if self.heads_first else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,7 @@ class Variant:
     returns_state: bool
     out_dtype: torch.dtype
     state_dtype: torch.dtype | None
+    state_layout: str = "kv"  # the layout of the states the function takes and returns
 
 
 def lengths(kind: str, chunk: int | None, constants: set[int], seen: set[int]) -> list[int] | str:
@@ -97,8 +104,8 @@ def draw(template: Call, roles: Roles, T: int, case: str, seed: int) -> dict[str
     the recorded call, drawn in float64 and rounded once."""
     gen = torch.Generator().manual_seed(seed * 7919 + T * 31 + CASES.index(case))
     b = template.bound
-    _, _, H, K = b[roles.q].shape
-    _, _, HV, V = b[roles.v].shape
+    _, _, H, K = roles.to_function(b[roles.q]).shape
+    _, _, HV, V = roles.to_function(b[roles.v]).shape
     B = 2
     per_channel = b[roles.g].dim() == 4
     gshape = (B, T, HV, K) if per_channel else (B, T, HV)
@@ -128,7 +135,7 @@ def draw(template: Call, roles: Roles, T: int, case: str, seed: int) -> dict[str
     args.update({roles.q: q, roles.k: k, roles.v: torch.randn(B, T, HV, V, generator=gen, dtype=torch.float64),
                  roles.g: g, roles.beta: beta})
     for n in roles.tensors():
-        args[n] = args[n].to(b[n].dtype)
+        args[n] = roles.to_function(args[n]).to(b[n].dtype)
     if roles.state is not None and isinstance(b.get(roles.state), torch.Tensor):
         state = b[roles.state]
         s = torch.randn(B, *state.shape[1:], generator=gen, dtype=torch.float64)
@@ -136,13 +143,15 @@ def draw(template: Call, roles: Roles, T: int, case: str, seed: int) -> dict[str
     return args
 
 
-def _reference(args: dict[str, Any], roles: Roles, l2norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(args: dict[str, Any], roles: Roles, l2norm: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule on ``args`` (the function's layouts), output and final state in those layouts too."""
     state = args.get(roles.state) if roles.state is not None else None
-    return reference.gated_delta_rule(
-        *(args[n].double() for n in roles.tensors()),
+    o, final = reference.gated_delta_rule(
+        *(roles.to_function(args[n]).double() for n in roles.tensors()),
         initial_state=state.double() if isinstance(state, torch.Tensor) else None,
-        output_final_state=True, use_qk_l2norm_in_kernel=l2norm,
+        output_final_state=True, use_qk_l2norm_in_kernel=l2norm, state_layout=layout,
     )
+    return roles.to_function(o), final
 
 
 def confirm(fn: Callable, template: Call, roles: Roles, check_lengths: list[int]) -> Variant | str:
@@ -164,12 +173,13 @@ def confirm(fn: Callable, template: Call, roles: Roles, check_lengths: list[int]
                 return "does not return (output, state): a replacement would drop the rest"
             runs.append((T, case, args, out))
     reasons = []  # (runs matched, why) per hypothesis: the one that got furthest is reported
-    for l2norm in (True, False):
+    heads = (0, 1) if roles.heads_first else (0, 2)
+    for l2norm, layout in ((l2, lay) for l2 in (True, False) for lay in roles.state_layouts):
         why = None
         for matched, (T, case, args, (o, final)) in enumerate(runs):
-            ref_o, ref_s = _reference(args, roles, l2norm)
+            ref_o, ref_s = _reference(args, roles, l2norm, layout)
             tol = typical_tol if case == "typical" else extreme_tol
-            why = mismatch(o, ref_o, tol, keep=(0, 2), nonfinite_ok=case != "typical")
+            why = mismatch(o, ref_o, tol, keep=heads, nonfinite_ok=case != "typical")
             if why is None and final is not None:
                 why = mismatch(final, ref_s, tol, keep=(0, 1), nonfinite_ok=case != "typical")
                 why = f"its final state {why}" if why else None
@@ -180,6 +190,7 @@ def confirm(fn: Callable, template: Call, roles: Roles, check_lengths: list[int]
                 break
         if why is None:
             o, final = runs[0][3]
-            return Variant(l2norm, final is not None, o.dtype, final.dtype if final is not None else None)
-        reasons.append((matched, f"{why} (closest: {'with' if l2norm else 'without'} an l2norm of q and k)"))
+            return Variant(l2norm, final is not None, o.dtype, final.dtype if final is not None else None, layout)
+        closest = f"{'with' if l2norm else 'without'} an l2norm of q and k, the state {layout}"
+        reasons.append((matched, f"{why} (closest: {closest})"))
     return "differs from the gated delta rule: " + max(reasons, key=lambda r: r[0])[1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import dis
 import functools
 import inspect
 import itertools
@@ -82,7 +83,8 @@ def _unwrap(fn: Callable) -> Callable:
 
 
 def _global_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
+    """Names the code reads as globals (``co_names`` also holds attribute names)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
     for const in code.co_consts:  # generator expressions and comprehensions
         if isinstance(const, types.CodeType):
             names |= _global_names(const)

@@ -109,7 +109,13 @@ def _rules(K: int) -> grammar.Rules:
 
 
 def assign_roles(call: Call, signature_order: list[str]) -> Roles | None:
-    """Roles from the shapes of one recorded call, or None if they do not fit."""
+    """Roles from the shapes of one recorded call, or None if they do not fit.
+
+    q and k are the first two 4-D tensors of one shape, ``[B, T, H, K]`` (heads last) or
+    ``[B, H, T, K]`` (heads first); v the next 4-D tensor with the same B and T, ``HV`` a multiple
+    of H; then a gate ``[.., HV]`` or ``[.., HV, K]`` and a beta ``[.., HV]``; the state the
+    argument shaped ``[B, HV, K, V]`` (kv) or ``[B, HV, V, K]`` (vk; both when K == V, for the
+    numbers to decide)."""
     tensors = [(n, call.bound[n]) for n in signature_order if isinstance(call.bound.get(n), torch.Tensor)]
     four = [(n, t) for n, t in tensors if t.dim() == 4]
     if len(four) < 3:
@@ -117,23 +123,40 @@ def assign_roles(call: Call, signature_order: list[str]) -> Roles | None:
     (qn, q), (kn, k) = four[0], four[1]
     if q.shape != k.shape:
         return None
-    B, T, H, K = q.shape
-    rest = [(n, t) for n, t in tensors if n not in (qn, kn)]
-    vn = next((n for n, t in rest if t.dim() == 4 and t.shape[:2] == (B, T) and t.shape[2] % H == 0), None)
-    if vn is None:
-        return None
-    HV = call.bound[vn].shape[2]
-    gates = [n for n, t in rest if n != vn and tuple(t.shape) in ((B, T, HV), (B, T, HV, K))]
-    betas = [n for n, t in rest if n != vn and tuple(t.shape) == (B, T, HV)]
-    if not gates or not betas:
-        return None
-    gn = gates[0]
-    bn = next((n for n in betas if n != gn), None)
-    if bn is None:
-        return None
-    state_shape = (B, HV, K, call.bound[vn].shape[3])
-    state = next((n for n, t in rest if tuple(t.shape) == state_shape and n not in (vn, gn, bn)), None)
-    return Roles(qn, kn, vn, gn, bn, state)
+    for heads_first in (False, True):
+        B, T, H, K = (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) if heads_first else tuple(q.shape)
+        rest = [(n, t) for n, t in tensors if n not in (qn, kn)]
+
+        def lead(t):  # (B, T, heads) of a tensor in this layout
+            return (t.shape[0], t.shape[2], t.shape[1]) if heads_first else tuple(t.shape[:3])
+
+        vn = next((n for n, t in rest if t.dim() == 4 and lead(t)[:2] == (B, T) and lead(t)[2] % H == 0), None)
+        if vn is None:
+            continue
+        HV, V = lead(call.bound[vn])[2], call.bound[vn].shape[3]
+        seq = (B, HV, T) if heads_first else (B, T, HV)
+        gates = [n for n, t in rest if n != vn and tuple(t.shape) in (seq, (*seq, K))]
+        betas = [n for n, t in rest if n != vn and tuple(t.shape) == seq]
+        gn = gates[0] if gates else None
+        bn = next((n for n in betas if n != gn), None)
+        if gn is None or bn is None:
+            continue
+        shapes = _state_shapes(B, HV, K, V)
+        state = next((n for n, t in rest if tuple(t.shape) in shapes.values() and n not in (vn, gn, bn)), None)
+        return Roles(qn, kn, vn, gn, bn, state, heads_first, _fits(shapes, call.bound.get(state)))
+    return None
+
+
+def _state_shapes(B: int, HV: int, K: int, V: int) -> dict[str, tuple[int, ...]]:
+    return {"kv": (B, HV, K, V), "vk": (B, HV, V, K)}
+
+
+def _fits(shapes: dict[str, tuple[int, ...]], state: Any) -> tuple[str, ...]:
+    """The layouts a state's shape allows; both when there is no state yet (the returned final
+    state's shape, or the numbers, decide)."""
+    if not isinstance(state, torch.Tensor):
+        return tuple(shapes)
+    return tuple(lay for lay, shape in shapes.items() if tuple(state.shape) == shape)
 
 
 def merge_state_role(roles: Roles, calls: list[Call]) -> Roles:
@@ -141,12 +164,12 @@ def merge_state_role(roles: Roles, calls: list[Call]) -> Roles:
     if roles.state is not None:
         return roles
     for call in calls:
-        v = call.bound[roles.v]
-        B, _, HV, V = v.shape
+        B, _, HV, V = roles.to_function(call.bound[roles.v]).shape
         K = call.bound[roles.k].shape[3]
+        shapes = _state_shapes(B, HV, K, V)
         for n, t in call.bound.items():
-            if isinstance(t, torch.Tensor) and n not in roles.tensors() and tuple(t.shape) == (B, HV, K, V):
-                return dataclasses.replace(roles, state=n)
+            if isinstance(t, torch.Tensor) and n not in roles.tensors() and tuple(t.shape) in shapes.values():
+                return dataclasses.replace(roles, state=n, state_layouts=_fits(shapes, t))
     return roles
 
 
@@ -161,11 +184,12 @@ class Structure:
     chunk_size: int | None
     evidence: list[str]
     constants: set[int]  # integer constants no shape explains (the numbers must reach past them)
+    decay: str = ""  # chunked: "masked difference" or "factored exponentials"
 
 
 def _dims(bound: dict[str, Any], roles: Roles) -> dict[str, int]:
-    B, T, H, K = bound[roles.q].shape
-    HV, V = bound[roles.v].shape[2:]
+    B, T, H, K = roles.to_function(bound[roles.q]).shape
+    HV, V = roles.to_function(bound[roles.v]).shape[2:]
     return {"B": B, "H": H, "K": K, "HV": HV, "V": V, "group": HV // H}
 
 
@@ -213,6 +237,9 @@ def analyze(fn: Callable, inputs: Callable[[int], dict[str, Any]], roles: Roles)
         elif sizes and sizes != {structure.chunk_size}:
             return f"chunk size changes with the length ({structure.chunk_size} at 3 tokens, {sorted(sizes)} at {length})"
         structure.constants |= grammar.unexplained_integers(found, dims, structure.chunk_size, length)
+        if structure.kind == "chunk" and not structure.decay:
+            masked = any(d and d <= {"g"} for d in found.masked)
+            structure.decay = "masked difference" if masked else "factored exponentials"
         structure.evidence.append(f"{length} tokens: {len(traced.gm.graph.nodes)} nodes explained ({found.summary()})")
         length = 3 * structure.chunk_size + 1 if structure.kind == "chunk" else 7
     return structure
@@ -228,6 +255,7 @@ class RecognizedDelta(Recognized):
     per_channel: bool = False
     state_shape: tuple[int, int, int, int, int] | None = None
     device: torch.device | None = None
+    state_layout: str = "kv"  # the layout of the states the function takes and returns
     skipped: set = dataclasses.field(default_factory=set)  # calls that ran the original (for explain)
 
     @property
@@ -240,7 +268,7 @@ class RecognizedDelta(Recognized):
 
     def replacement(self, lp: LayerPlan, plan: Plan) -> Callable:
         callee = lp.layer.callees[self.name]
-        return replacement(self, callee.fn, Binder(callee.signature), lp.state_layout or "kv")
+        return replacement(self, callee.fn, Binder(callee.signature), lp.state_layout or self.state_layout)
 
 
 def _variant_key(bound: dict[str, Any], roles: Roles, reads_extras: bool) -> tuple:
@@ -257,8 +285,8 @@ def recognize(callee: Callee) -> RecognizedDelta | str:
     if roles is None:
         return "arguments do not have the shapes of q, k, v, g, beta"
     roles = merge_state_role(roles, callee.calls)
-    template = max(callee.calls, key=lambda c: c.bound[roles.v].shape[1])
-    seen = {c.bound[roles.v].shape[1] for c in callee.calls}
+    template = max(callee.calls, key=lambda c: roles.to_function(c.bound[roles.v]).shape[1])
+    seen = {roles.to_function(c.bound[roles.v]).shape[1] for c in callee.calls}
     reads_extras = reads_var_keyword(callee.fn)
 
     reasons = []
@@ -289,6 +317,7 @@ def recognize(callee: Callee) -> RecognizedDelta | str:
                 why = f"{structure.kind} structure found but it {got}"
                 break
             variants[key] = got
+            roles = dataclasses.replace(roles, state_layouts=(got.state_layout,))  # one layout for every call
         effects_seen = effects.stores(executed) + snapshot.changes()
         if effects_seen:
             why = f"has side effects a replacement would not reproduce: {effects_seen[0]}"
@@ -300,19 +329,29 @@ def recognize(callee: Callee) -> RecognizedDelta | str:
         if target is not callee.fn:
             evidence.append("found behind a kernel dispatcher (__wrapped__)")
         per_channel = template.bound[roles.g].dim() == 4
-        evidence.append(f"{'per-channel (KDA)' if per_channel else 'per-head (GDN)'} gate")
-        B, _, H, K = template.bound[roles.q].shape
-        HV, V = template.bound[roles.v].shape[2:]
+        layout = next(iter(variants.values())).state_layout
+        form = [f"{'per-channel (KDA)' if per_channel else 'per-head (GDN)'} gate",
+                f"arguments heads {'first' if roles.heads_first else 'last'}", f"state {layout} in the function's code"]
+        if structure.decay:
+            form.insert(1, f"decay: {structure.decay}")
+        evidence.append("; ".join(form))
+        if structure.decay == "factored exponentials":
+            evidence.append("factored decays overflow on steep gates: there eager's answer is inf or NaN, and the "
+                            "op gives the rule's finite one")
+        B, _, H, K = roles.to_function(template.bound[roles.q]).shape
+        HV, V = roles.to_function(template.bound[roles.v]).shape[2:]
         return RecognizedDelta(callee.name, evidence, variants, kind=structure.kind, roles=roles, per_channel=per_channel,
-                               state_shape=(B, H, HV, K, V), device=template.bound[roles.q].device)
+                               state_shape=(B, H, HV, K, V), device=template.bound[roles.q].device,
+                               state_layout=layout)
     return reasons[0] if reasons else "not recognized"
 
 
 def replacement(rec: RecognizedDelta, original: Callable, binder: Binder, state_layout: str) -> Callable:
     """A drop-in for ``original`` that calls the graphdelta op for every confirmed variant.
 
-    With ``state_layout="vk"`` the states this function receives and returns are ``[B, HV, V, K]``:
-    the layer's cache then holds vk states, which only the layer's own (replaced) functions read.
+    ``state_layout`` is the layout of the states this function receives and returns from now on:
+    the function's own, or the other one where the layout pass chose it (only when every
+    function of the layer that reads the state is replaced, so that nothing else reads it).
     """
     op = torch.ops.graphdelta.chunk_gated_delta_rule if rec.kind == "chunk" else torch.ops.graphdelta.recurrent_gated_delta_rule
     roles, variants, skipped = rec.roles, rec.variants, rec.skipped
@@ -323,21 +362,20 @@ def replacement(rec: RecognizedDelta, original: Callable, binder: Binder, state_
         key = _variant_key(bound, roles, reads_extras)
         variant = variants.get(key)
         if variant is None:
-            if state_layout == "vk":
+            if state_layout != rec.state_layout:
                 raise RuntimeError(
                     f"graphdelta: {rec.name} was called with arguments never confirmed while probing "
-                    f"({key}); its layer keeps the recurrent state in the vk layout, which the original "
-                    "function cannot read. Compile with state_layout='kv', or probe this call.")
+                    f"({key}); its layer keeps the recurrent state in the {state_layout} layout, which the "
+                    "original function cannot read. Compile with state_layout='auto', or probe this call.")
             skipped.add(str(key))
             return original(*args, **kwargs)
-        q, k, v, g, beta = (bound[n] for n in roles.tensors())
+        q, k, v, g, beta = (roles.to_function(bound[n]) for n in roles.tensors())  # [B, T, H, .]
         state = bound.get(roles.state) if roles.state is not None else None
         if state is not None:
             state = state.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
         o, final = op(q, k, v, g, beta, q.shape[-1] ** -0.5, state, None, variant.l2norm, state_layout)
-        if not variant.returns_state:
-            return o.to(variant.out_dtype), None
-        return o.to(variant.out_dtype), final.to(variant.state_dtype)
+        o = roles.to_function(o).to(variant.out_dtype)
+        return o, (final.to(variant.state_dtype) if variant.returns_state else None)
 
     gated_delta_op.__name__ = f"graphdelta_{rec.kind}_{rec.name}"
     return gated_delta_op

@@ -111,10 +111,11 @@ class Explanation:
     roles: collections.Counter[str]  # role -> nodes
     deps: dict[fx.Node, Deps]
     cumsum_axes: set[int]  # sizes of the axes data was cumulatively summed over
-    triangles: set[int]  # sizes of the square triangular masks
+    triangles: set[int]  # sizes of the square triangular masks (tril / triu)
     constants: set[int]  # integer literals no shape explains
     mutated: set[str]  # arguments updated in place
     ops: collections.Counter[str]  # op name -> nodes
+    masked: list[Deps]  # what each masked_fill / where with a data-independent mask masks
 
     def summary(self) -> str:
         return ", ".join(f"{role} {n}" for role, n in self.roles.most_common())
@@ -176,6 +177,7 @@ def explain(gm: fx.GraphModule, inputs: dict[str, str], rules: Rules, dims: dict
     roles: collections.Counter[str] = collections.Counter()
     cumsum_axes: set[int] = set()
     triangles: set[int] = set()
+    masked: list[Deps] = []
     literals: set[int] = set()
     mutated: set[str] = set()
 
@@ -262,6 +264,7 @@ def explain(gm: fx.GraphModule, inputs: dict[str, str], rules: Rules, dims: dict
             cond = node.args[0]
             if not isinstance(cond, fx.Node) or deps[cond]:
                 return refuse(node, "selects by a condition computed from data")
+            masked.append(data)
             deps[node] = data
             roles["causal mask"] += 1
             continue
@@ -269,8 +272,7 @@ def explain(gm: fx.GraphModule, inputs: dict[str, str], rules: Rules, dims: dict
             mask = node.args[1]
             if isinstance(mask, fx.Node) and deps[mask]:
                 return refuse(node, "masks by a condition computed from data")
-            if isinstance(mask, fx.Node) and len(shape(mask)) >= 2 and shape(mask)[-1] == shape(mask)[-2]:
-                triangles.add(shape(mask)[-1])
+            masked.append(deps[node.args[0]])
             deps[node] = deps[node.args[0]]
             roles["causal mask"] += 1
             continue
@@ -304,7 +306,7 @@ def explain(gm: fx.GraphModule, inputs: dict[str, str], rules: Rules, dims: dict
         return refuse(node, f"{name} on a value computed from {kinds} is not part of {rules.family}")
 
     ops = collections.Counter(op_name(n) for n in gm.graph.nodes if n.op == "call_function")
-    return Explanation(roles, deps, cumsum_axes, triangles, literals, mutated, ops)
+    return Explanation(roles, deps, cumsum_axes, triangles, literals, mutated, ops, masked)
 
 
 def unexplained_integers(found: Explanation, dims: dict[str, int], chunk: int | None, length: int) -> set[int]:

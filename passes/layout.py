@@ -91,26 +91,38 @@ def measure(shape: tuple[int, int, int, int, int], per_channel: bool, device: to
 
 def choose_state_layout(plan: Plan) -> Plan:
     """Expects: ``recognized`` filled by the recognizers. Leaves: ``state_layout`` and
-    ``layout_reason`` on every layer with a replaced gated-delta function: kv wherever a
-    function that might read the state stays as written or was never reached by the probe."""
+    ``layout_reason`` on every layer with a replaced gated-delta function, and ``flipped`` where
+    that layout is not the one the layer's functions take and return in the user's code.
+
+    A layer's functions keep their own layout (transformers': kv) wherever something else may
+    read the state: a gated-delta function left as written, or one the probe never reached.
+    Otherwise ``"auto"`` keeps a vk layout of the user's, and measures kv against vk for kv
+    code; a requested layout applies where it can."""
     for lp in plan.layers:
-        deltas = {n: r for n, r in lp.recognized.items() if r.state_shape is not None}
+        deltas = [r for r in lp.recognized.values() if r.state_shape is not None]
         if not deltas:
             continue
-        unreplaced_delta = [callee for callee, _, family in lp.fallbacks if family == "gated_delta"]
+        natives = {r.state_layout for r in deltas}
+        native = next(iter(natives)) if len(natives) == 1 else None
+        unreplaced = [callee for callee, _, family in lp.fallbacks if family == "gated_delta"]
         if plan.state_layout != "auto":
-            lp.state_layout, lp.layout_reason = plan.state_layout, f"requested (state_layout={plan.state_layout!r})"
-        elif unreplaced_delta:
-            lp.state_layout, lp.layout_reason = "kv", "kv: not every state-reading function of the layer was replaced"
-        elif lp.unprobed:
-            lp.state_layout = "kv"
-            lp.layout_reason = f"kv: the probe never called {', '.join(lp.unprobed)}, which might read the state"
+            want = plan.state_layout
+            if want != native and (unreplaced or native is None):
+                why = (f"not replaced: {unreplaced}" if unreplaced
+                       else f"its functions keep different layouts ({sorted(natives)})")
+                raise ValueError(f"state_layout={want!r} cannot apply to layer {lp.path}, whose states only its own "
+                                 f"layout reads there ({why})")
+            lp.state_layout, lp.layout_reason = want, f"requested (state_layout={want!r})"
+        elif native is None:
+            lp.state_layout, lp.layout_reason = None, f"each function keeps its own layout ({sorted(natives)})"
+        elif unreplaced or lp.unprobed:
+            left = unreplaced or lp.unprobed
+            lp.state_layout = native
+            lp.layout_reason = f"{native}, the functions' own: {', '.join(left)} might read the state as written"
+        elif native == "vk":
+            lp.state_layout, lp.layout_reason = "vk", "vk, the user's own layout"
         else:
-            rec = next(iter(deltas.values()))
+            rec = deltas[0]
             lp.state_layout, lp.layout_reason = measure(rec.state_shape, rec.per_channel, rec.device)
-        if lp.state_layout == "vk" and unreplaced_delta:
-            raise ValueError(
-                f"state_layout='vk' needs every gated-delta function of layer {lp.path} replaced; "
-                f"not replaced: {unreplaced_delta}"
-            )
+        lp.flipped = lp.state_layout is not None and any(r.state_layout != lp.state_layout for r in deltas)
     return plan

@@ -31,8 +31,9 @@ class LayerPlan:
     # (callee, why, family): a callee whose arguments fit a family's roles but was not replaced
     fallbacks: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     recognized: dict[str, Any] = dataclasses.field(default_factory=dict)  # callee -> Recognized*
-    state_layout: str | None = None
+    state_layout: str | None = None  # of the states this layer's replaced functions pass around
     layout_reason: str = ""
+    flipped: bool = False  # state_layout is not the one the user's code holds
     replacements: dict[str, Callable] = dataclasses.field(default_factory=dict)
     module_forward: Callable | None = None  # replaces the module's whole forward (gated norm)
     unprobed: list[str] = dataclasses.field(default_factory=list)  # callees the probe never reached

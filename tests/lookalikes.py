@@ -185,23 +185,23 @@ class ZooMixer(nn.Module):
         return self.out(o.reshape(b, t, -1))
 
 
-def _layer_class(entry: Entry) -> type:
-    """A ZooMixer subclass whose forward calls this entry's function as ``delta`` or ``step``."""
-    fn = variant(entry.base, entry.name, entry.edits)
-    scope = dict(ZooMixer.forward.__globals__)
-    scope["delta"] = fn if entry.base is delta_rule else delta_rule
-    scope["step"] = fn if entry.base is delta_steps else delta_steps
-    forward = types.FunctionType(ZooMixer.forward.__code__, scope, "forward", ZooMixer.forward.__defaults__)
-    return type(f"Zoo_{entry.name}", (ZooMixer,), {"forward": forward})
+def layer_class(base: type, name: str, **functions) -> type:
+    """A subclass of ``base`` whose forward sees ``functions`` among its globals (as a layer of a
+    user's model sees the functions of its module)."""
+    scope = dict(base.forward.__globals__)
+    scope.update(functions)
+    forward = types.FunctionType(base.forward.__code__, scope, "forward", base.forward.__defaults__)
+    return type(name, (base,), {"forward": forward})
 
 
-class ZooLM(nn.Module):
-    """Every ``entries`` function in a layer of its own (with a residual stream between them)."""
+class LayersLM(nn.Module):
+    """An embedding, the given mixers on a residual stream, a head; ``forward(ids, cache=None)``
+    with ``cache`` a dict of each mixer's state."""
 
-    def __init__(self, entries: list[Entry], vocab: int = 64, width: int = 16):
+    def __init__(self, mixers: list[nn.Module], vocab: int = 64, width: int = 16):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
-        self.mixers = nn.ModuleList(_layer_class(e)(width, signature=e.signature) for e in entries)
+        self.mixers = nn.ModuleList(mixers)
         self.head = nn.Linear(width, vocab, bias=False)
 
     def forward(self, ids, cache=None):
@@ -211,7 +211,18 @@ class ZooLM(nn.Module):
         return self.head(h)
 
 
-def probe(model: ZooLM) -> None:
+def ZooLM(entries: list[Entry], width: int = 16) -> LayersLM:  # noqa: N802 - builds a model
+    """Every entry's function in a layer of its own, as ``delta`` or ``step``."""
+    mixers = []
+    for e in entries:
+        fn = variant(e.base, e.name, e.edits)
+        cls = layer_class(ZooMixer, f"Zoo_{e.name}", delta=fn if e.base is delta_rule else delta_rule,
+                          step=fn if e.base is delta_steps else delta_steps)
+        mixers.append(cls(width, signature=e.signature))
+    return LayersLM(mixers, width=width)
+
+
+def probe(model: LayersLM) -> None:
     """Prefill without a cache, prefill into a cache and continue it, one decode step."""
     ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(0))
     model(ids)
