@@ -102,13 +102,14 @@ def _random(template: Call, roles: ConvRoles, T: int, seed: int = 0) -> dict[str
     b = dict(template.bound)
     _, D, _ = b[roles.x].shape
     magnitude = 10 ** (6 * torch.rand(1, D, 1, generator=gen, dtype=torch.float64) - 3)
-    b[roles.x] = (torch.randn(2, D, T, generator=gen, dtype=torch.float64) * magnitude).to(template.bound[roles.x].dtype)
-    b[roles.weight] = torch.randn(b[roles.weight].shape, generator=gen, dtype=torch.float64).to(b[roles.weight].dtype)
+    drawn = {roles.x: torch.randn(2, D, T, generator=gen, dtype=torch.float64) * magnitude,
+             roles.weight: torch.randn(b[roles.weight].shape, generator=gen, dtype=torch.float64)}
     if roles.bias is not None:
-        b[roles.bias] = torch.randn(D, generator=gen, dtype=torch.float64).to(b[roles.bias].dtype)
+        drawn[roles.bias] = torch.randn(D, generator=gen, dtype=torch.float64)
     if roles.state is not None:
-        shape = (2, *b[roles.state].shape[1:])
-        b[roles.state] = (torch.randn(shape, generator=gen, dtype=torch.float64) * magnitude).to(b[roles.state].dtype)
+        drawn[roles.state] = torch.randn(2, *b[roles.state].shape[1:], generator=gen, dtype=torch.float64) * magnitude
+    # drawn on the CPU, checked where the function runs
+    b.update({n: x.to(device=b[n].device, dtype=b[n].dtype) for n, x in drawn.items()})
     return b
 
 
@@ -130,10 +131,11 @@ def _confirm(fn: Callable, template: Call, roles: ConvRoles, lengths: list[int])
     for activation in ("silu", None):
         why = None
         for T, args, state_before, y in runs:
-            x = args[roles.x].double().transpose(1, 2)
-            w = args[roles.weight].double()
-            bias = args[roles.bias].double() if roles.bias else None
-            init = state_before.double() if state_before is not None else None
+            x = args[roles.x].double().cpu().transpose(1, 2)
+            w = args[roles.weight].double().cpu()
+            bias = args[roles.bias].double().cpu() if roles.bias else None
+            init = state_before.double().cpu() if state_before is not None else None
+            y = y.cpu()
             ref_y, ref_state = reference.causal_conv1d(x, w, bias, init, None, activation)
             # the size of the terms each output sums, as a scale for its rounding error
             terms, _ = reference.causal_conv1d(x.abs(), w.abs(), None if bias is None else bias.abs(),
@@ -141,7 +143,7 @@ def _confirm(fn: Callable, template: Call, roles: ConvRoles, lengths: list[int])
             why = mismatch(y, ref_y.transpose(1, 2), tol, keep=(0, 1), nonfinite_ok=False,
                            magnitude=terms.transpose(1, 2))
             if why is None and init is not None:
-                why = mismatch(args[roles.state], ref_state, tol, keep=(0, 1), nonfinite_ok=False)
+                why = mismatch(args[roles.state].cpu(), ref_state, tol, keep=(0, 1), nonfinite_ok=False)
                 why = f"the updated state {why}" if why else None
             if why is not None:
                 why = f"{why} at length {T}"

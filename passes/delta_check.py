@@ -134,12 +134,13 @@ def draw(template: Call, roles: Roles, T: int, case: str, seed: int) -> dict[str
     args = dict(b)
     args.update({roles.q: q, roles.k: k, roles.v: torch.randn(B, T, HV, V, generator=gen, dtype=torch.float64),
                  roles.g: g, roles.beta: beta})
+    # drawn on the CPU (the same numbers on every device), checked where the function runs
     for n in roles.tensors():
-        args[n] = roles.to_function(args[n]).to(b[n].dtype)
+        args[n] = roles.to_function(args[n]).to(device=b[n].device, dtype=b[n].dtype)
     if roles.state is not None and isinstance(b.get(roles.state), torch.Tensor):
         state = b[roles.state]
         s = torch.randn(B, *state.shape[1:], generator=gen, dtype=torch.float64)
-        args[roles.state] = (s if seed else torch.zeros_like(s)).to(state.dtype)
+        args[roles.state] = (s if seed else torch.zeros_like(s)).to(device=state.device, dtype=state.dtype)
     return args
 
 
@@ -179,9 +180,9 @@ def confirm(fn: Callable, template: Call, roles: Roles, check_lengths: list[int]
         for matched, (T, case, args, (o, final)) in enumerate(runs):
             ref_o, ref_s = _reference(args, roles, l2norm, layout)
             tol = typical_tol if case == "typical" else extreme_tol
-            why = mismatch(o, ref_o, tol, keep=heads, nonfinite_ok=case != "typical")
+            why = mismatch(o, ref_o.to(o.device), tol, keep=heads, nonfinite_ok=case != "typical")
             if why is None and final is not None:
-                why = mismatch(final, ref_s, tol, keep=(0, 1), nonfinite_ok=case != "typical")
+                why = mismatch(final, ref_s.to(final.device), tol, keep=(0, 1), nonfinite_ok=case != "typical")
                 why = f"its final state {why}" if why else None
             elif why is not None:
                 why = f"its output {why}"

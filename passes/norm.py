@@ -169,7 +169,7 @@ def _confirm(sub: Submodule, pair: tuple[str, str], eps: float) -> tuple[NormRol
     gen = torch.Generator().manual_seed(1)
     runs = []
     for shape in shapes:
-        a, b = _inputs(shape, gen)
+        a, b = (x.to(weight.device) for x in _inputs(shape, gen))  # drawn on the CPU, run where the module is
         args = {**template, pair[0]: a, pair[1]: b}
         try:
             with torch.no_grad():
