@@ -45,6 +45,7 @@ from .recognize import Recognized, as_kwargs, reads_var_keyword, trace, variant_
 
 FAMILY = "gated_delta"
 EPS_MAX = 1e-3  # an l2norm's eps is at most this
+FILLS = ("masked_fill", "where", "full", "full_like", "new_full", "scalar_tensor", "fill")
 
 
 def _within(deps: grammar.Deps, *roles: str) -> bool:
@@ -57,6 +58,8 @@ def _rules(K: int) -> grammar.Rules:
 
     def floats(value: float, op: str, deps: grammar.Deps) -> bool:
         if value in (0.5, -0.5, 2.0, -2.0, math.inf, -math.inf) or any(math.isclose(value, s, rel_tol=1e-6) for s in scales):
+            return True
+        if op in FILLS and value <= -1e30:  # a mask's fill written as finfo.min: exp of it is 0, as of -inf
             return True
         # an l2norm's eps, added to the sum of squares of q or of k
         return op in ("add", "sub") and 0 < abs(value) <= EPS_MAX and _within(deps, "q", "k")

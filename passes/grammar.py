@@ -246,7 +246,8 @@ def explain(gm: fx.GraphModule, inputs: dict[str, str], rules: Rules, dims: dict
 
         # literals: floats must be explained; integers are collected for the numerical check
         for lit in _literals(list(node.args) + list(node.kwargs.values())):
-            if isinstance(lit, float) and (math.isinf(lit) or math.isnan(lit) or not lit.is_integer()):
+            # a float past 2**53 counts as a float: no length or index is that large (finfo.min fills)
+            if isinstance(lit, float) and (math.isinf(lit) or math.isnan(lit) or not lit.is_integer() or abs(lit) > 2**53):
                 if not rules.floats(lit, name, data):
                     return refuse(node, f"constant {lit!r} is not one {rules.family} explains")
             else:

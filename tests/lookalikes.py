@@ -145,6 +145,7 @@ ZOO = [
     Entry("appends_to_argument", delta_rule, [("state=None):", "state=None, outputs=None):"), ("    return o, S", "    outputs.append(o)\n    return o, S")], "is a list", signature="list"),
     # the rule itself, and changes equal to it on the whole domain: fused
     Entry("canonical", delta_rule, [], ""),
+    Entry("finfo_min_mask", delta_rule, [('masked_fill(~causal, float("-inf"))', "masked_fill(~causal, torch.finfo(torch.float32).min)")], ""),
     Entry("times_one", delta_rule, [("kb = k * beta[..., None]", "kb = k * beta[..., None] * 1")], ""),
     Entry("explicit_float_casts", delta_steps, [("        outs.append(", "        S = S.float()\n        outs.append(")], ""),
 ]
