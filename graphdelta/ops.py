@@ -19,10 +19,7 @@ from torch import Tensor
 
 from graphdelta import checks
 from graphdelta.lowering import implementation
-
-
-def _state_dtype(v: Tensor) -> torch.dtype:
-    return torch.float64 if v.dtype == torch.float64 else torch.float32
+from graphdelta.lowering.contract import compute_dtype, state_shape
 
 
 def _gated_delta_fake(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout):
@@ -30,7 +27,7 @@ def _gated_delta_fake(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk
     HV, V = v.shape[2:]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = v.new_empty(B, T, HV, V)
-    state = v.new_empty(checks.state_shape(N, HV, K, V, state_layout), dtype=_state_dtype(v))
+    state = v.new_empty(state_shape(N, HV, K, V, state_layout), dtype=compute_dtype(v.dtype))
     return o, state
 
 
@@ -51,7 +48,7 @@ def _gated_delta_empty(q, v, initial_state, cu_seqlens, state_layout) -> tuple[T
     B, T, _, K = q.shape
     HV, V = v.shape[2:]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    final = v.new_zeros(checks.state_shape(N, HV, K, V, state_layout), dtype=_state_dtype(v))
+    final = v.new_zeros(state_shape(N, HV, K, V, state_layout), dtype=compute_dtype(v.dtype))
     if initial_state is not None:
         final.copy_(initial_state)
     return v.new_zeros(B, T, HV, V), final
@@ -123,7 +120,7 @@ def _conv_op(
         N = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         if initial_state is not None:
             return x.new_zeros(x.shape), initial_state.clone()
-        return x.new_zeros(x.shape), x.new_zeros(N, x.shape[2], weight.shape[1] - 1, dtype=_state_dtype(x))
+        return x.new_zeros(x.shape), x.new_zeros(N, x.shape[2], weight.shape[1] - 1, dtype=compute_dtype(x.dtype))
     with on_device_of(x):
         y, final = implementation("causal_conv1d", x)(x, weight, bias, initial_state, cu_seqlens, activation)
         return y.contiguous(), final.contiguous()
@@ -134,7 +131,7 @@ def _(x, weight, bias, initial_state, cu_seqlens, activation):
     B, T, D = x.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is None:
-        state = x.new_empty(N, D, weight.shape[1] - 1, dtype=_state_dtype(x))
+        state = x.new_empty(N, D, weight.shape[1] - 1, dtype=compute_dtype(x.dtype))
     else:
         state = initial_state.new_empty(N, D, initial_state.shape[-1])
     return x.new_empty(B, T, D), state
