@@ -9,24 +9,23 @@
 - ``decayed_gram_left`` / ``decayed_gram_diag``: ``sum_c a_ic b_jc exp(G_ic - G_jc)`` for one
   16-row block of a chunk, left of and inside its diagonal block, for the scalar (GDN) and the
   per-channel (KDA) gate;
-- ``autotune``: ``triton.autotune`` on a GPU, a single fixed config under the interpreter.
 
 Token tensors are addressed flat: token ``t`` of batch row ``b`` is ``b * T + t``; packed
 sequences live in a ``B == 1`` batch, so their tokens are already flat.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import contract
+
 SUBCHUNK = 16  # rows of the diagonal blocks (tl.dot needs >= 16 under the interpreter)
 CHUNK_SIZES = (16, 32, 64)
-L2NORM_EPS = tl.constexpr(1e-6)  # as graphdelta.reference.l2norm
+L2NORM_EPS = tl.constexpr(contract.L2NORM_EPS)
 
 
 # Optional inputs become constexpr flags (triton.heuristics) of the kernels that take them.
@@ -39,12 +38,6 @@ _FLAGS = {
 def constexpr_flags(*names: str) -> dict:
     """The ``triton.heuristics`` that derive the constexpr flags ``names`` from the arguments."""
     return {name: _FLAGS[name] for name in names}
-
-
-def autotune(configs: list[triton.Config], key: list[str]):
-    """``triton.autotune`` over ``configs`` on a GPU; under the interpreter only the first
-    config, which runs without benchmarking (tuning there measures nothing but Python)."""
-    return triton.autotune(configs=configs[:1] if INTERPRETED else configs, key=key)
 
 
 def dot_precision(*tensors: torch.Tensor) -> str:

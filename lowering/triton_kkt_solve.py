@@ -19,15 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_autotune import autotune
 from .triton_chunk_utils import (
-    SUBCHUNK, ChunkPlan, autotune, chunk_span, constexpr_flags, decayed_gram_diag,
+    SUBCHUNK, ChunkPlan, chunk_span, constexpr_flags, decayed_gram_diag,
     decayed_gram_left, gate_rows, load_gate, load_qk,
 )
 
 
+def kkt_shared_memory(config: triton.Config, args: dict) -> int:
+    """Shared memory in bytes: the two fp32 ``[C, BK]`` operands of ``K K^T`` (GDN; KDA's
+    blocked form needs less). sm_90, Triton 3.9, K = 128: 64 KB (GDN), 40 KB (KDA)."""
+    return 2 * 4 * args["C"] * args["BK"]
+
+
 @triton.heuristics(constexpr_flags("IS_VARLEN"))
 @autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
-          key=["H", "HV", "K", "C", "PER_CHANNEL"])
+          key=["H", "HV", "K", "C", "PER_CHANNEL"], shared_memory=kkt_shared_memory)
 @triton.jit
 def chunk_kkt_kernel(
     k, gc, beta, A, cu_seqlens, chunk_indices, T, NT,

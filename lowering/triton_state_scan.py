@@ -17,13 +17,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk_utils import ChunkPlan, autotune, constexpr_flags, load_gate, load_qk
+from .contract import state_shape
+from .triton_autotune import autotune
+from .triton_chunk_utils import ChunkPlan, constexpr_flags, load_gate, load_qk
+
+
+def shared_memory(config: triton.Config, args: dict) -> int:
+    """Shared memory of a config in bytes: each pipelined stage of the chunk loop buffers w
+    ``[C, BK]`` fp32, u ``[C, BV]`` fp32, k ``[C, BK]`` and the gate; the products stage two
+    ``[C, BK]`` and two ``[C, BV]`` fp32 tiles. On sm_90 (Triton 3.9, K = V = 128, bf16) the
+    compiler gave (stages - 1) x stage + 64 KB + C * BV * 4 (+16 KB at 8 warps): this is that,
+    rounded up (1 to 18 KB over), checked again on the GPU by tools/gpu_configs.py. KDA's
+    per-channel gate makes 3-stage configs too large at K = 128 (241 to 295 KB)."""
+    C, BK, BV = args["C"], args["BK"], config.kwargs["BV"]
+    gate = BK if args["PER_CHANNEL"] else 1
+    stage = 4 * C * (BK + BV + gate) + C * BK * args["k"].element_size() + 1024
+    return max(config.num_stages - 1, 1) * stage + 4 * 2 * C * (BK + BV)
 
 
 @triton.heuristics(constexpr_flags("IS_VARLEN", "HAS_INITIAL_STATE"))
 @autotune(configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                    for bv in (64, 32, 16) for nw in (4, 8) for ns in (2, 3)],
-          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"])
+          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"], shared_memory=shared_memory)
 @triton.jit
 def chunk_state_scan_kernel(
     k, w, u, gc, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, T, NT,
@@ -100,8 +115,7 @@ def chunk_state_scan(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gc: torc
     N = plan.num_seqs
     h = torch.empty(plan.num_slots, HV, K, V, dtype=torch.float32, device=k.device)
     v_new = torch.empty_like(u)
-    shape = (N, HV, K, V) if state_layout == "kv" else (N, HV, V, K)
-    final_state = torch.empty(shape, dtype=torch.float32, device=k.device)
+    final_state = torch.empty(state_shape(N, HV, K, V, state_layout), dtype=torch.float32, device=k.device)
 
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), N * HV)
