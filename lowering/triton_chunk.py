@@ -73,7 +73,7 @@ def chunk_gated_delta_rule(
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    plan = ChunkPlan.build(batch=B, total=T, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    plan = ChunkPlan.for_call(batch=B, total=T, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     if T == 0:
         final = torch.zeros(state_shape(plan.num_seqs, HV, K, V, state_layout), dtype=torch.float32,
                             device=v.device)

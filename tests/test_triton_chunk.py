@@ -227,3 +227,15 @@ def test_gpu_real_size_matches_torch_path(per_channel, varlen):
     assert rel_err(o, ref_o) <= tol_o
     assert rel_err(final, ref_final) <= tol_s
 
+
+def test_chunk_plan_is_built_once_per_cu_seqlens():
+    """Every layer of a forward passes the same cu_seqlens: one plan (8 small kernels) serves
+    them all; another tensor, or the same one changed in place, gets a new plan."""
+    cu = torch.tensor([0, 3, 70, 200], device=DEVICE)
+    plan = ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
+    assert ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64) is plan
+    assert ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=32) is not plan
+    assert ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu.clone(), chunk_size=64) is not plan
+    cu[1] = 10
+    fresh = ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
+    assert fresh is not plan and fresh.chunk_offsets.tolist() == [0, 1, 2, 5]  # 10, 60, 130 tokens

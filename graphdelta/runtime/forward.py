@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphdelta import lowering, ops
+from graphdelta import lowering, ops  # noqa: F401 (ops registers torch.ops.graphdelta)
 from graphdelta.lowering import torch_conv, torch_recurrent
 from graphdelta.runtime.cache import HybridCache, LinearAux
 
@@ -242,19 +242,17 @@ class LinearAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, batch: Batch, aux: list, writes: Writes) -> Tensor:
-        """Steps call the ``torch.ops.graphdelta`` ops, which do not check their inputs: the
-        runner validated its slot lists on the host (``checks.check_slot_values``), and a
-        check of the index tensors would wait for the GPU at every step."""
+        """Calls the ``torch.ops.graphdelta`` ops, which do not check their inputs: the runner
+        validated its slot lists and built ``cu_seqlens`` on the host, and a check of the index
+        tensors would wait for the GPU in every layer."""
         B, T = x.shape[:2]
         conv_pool, state_pool = self.cache.conv[self.index], self.cache.state[self.index]
         layout = self.cache.state_layout
         mixed, g, beta, gate = self.project(x)
         weight, bias = self.m.conv1d.weight.squeeze(1), self.m.conv1d.bias  # [conv_dim, W], [conv_dim]
         if batch.packed:
-            mixed, conv_final = ops.causal_conv1d(
-                mixed, weight, bias, initial_state=conv_pool[batch.slots], output_final_state=True,
-                cu_seqlens=batch.cu_seqlens, activation=self.activation,
-            )
+            mixed, conv_final = torch.ops.graphdelta.causal_conv1d(
+                mixed, weight, bias, conv_pool[batch.slots], batch.cu_seqlens, self.activation)
             writes.add(conv_pool, batch.slots, conv_final)
         else:
             plain = lowering.backend_for(mixed) == "torch"
@@ -274,10 +272,8 @@ class LinearAttention(nn.Module):
         q, k = q.reshape(B, T, -1, self.k_dim), k.reshape(B, T, -1, self.k_dim)
         v = v.reshape(B, T, -1, self.v_dim)
         if batch.packed:
-            o, final = ops.chunk_gated_delta_rule(
-                q, k, v, g, beta, initial_state=state_pool[batch.slots], output_final_state=True,
-                cu_seqlens=batch.cu_seqlens, use_qk_l2norm_in_kernel=True, state_layout=layout,
-            )
+            o, final = torch.ops.graphdelta.chunk_gated_delta_rule(
+                q, k, v, g, beta, self.k_dim ** -0.5, state_pool[batch.slots], batch.cu_seqlens, True, layout)
             writes.add(state_pool, batch.slots, final)
         else:
             if plain:
