@@ -23,21 +23,27 @@ from .triton_chunk_utils import ChunkPlan, constexpr_flags, load_gate, load_qk
 
 
 def shared_memory(config: triton.Config, args: dict) -> int:
-    """Shared memory of a config in bytes: each pipelined stage of the chunk loop buffers w
-    ``[C, BK]`` fp32, u ``[C, BV]`` fp32, k ``[C, BK]`` and the gate; the products stage two
-    ``[C, BK]`` and two ``[C, BV]`` fp32 tiles. On sm_90 (Triton 3.9, K = V = 128, bf16) the
-    compiler gave (stages - 1) x stage + 64 KB + C * BV * 4 (+16 KB at 8 warps): this is that,
-    rounded up (1 to 18 KB over), checked again on the GPU by tools/gpu_configs.py. KDA's
-    per-channel gate makes 3-stage configs too large at K = 128 (241 to 295 KB)."""
-    C, BK, BV = args["C"], args["BK"], config.kwargs["BV"]
+    """Shared memory of a config in bytes, fitted on sm_90 compiles (Triton 3.9; bf16 and fp32,
+    K = 128 and 256, GDN and KDA; tests/test_autotune.py holds them) so that it is never below
+    the compiler's number and falls on the same side of the limit. Unpipelined (1 stage): the
+    fp32 operands w ``[C, BK]``, U ``[C, BV]`` and S ``[BK, BV]``. Pipelined: each stage buffers
+    w and u fp32, k and the gate; 16-bit k adds its fp32 conversion. KDA's per-channel gate
+    makes 3-stage configs too large at K = 128 (241 to 295 KB), and at K = 256 only unpipelined
+    configs fit (86 to 147 KB)."""
+    C, BK, BV, stages = args["C"], args["BK"], config.kwargs["BV"], config.num_stages
+    if stages == 1:
+        return 4 * (C * BK + C * BV + BK * BV)
     gate = BK if args["PER_CHANNEL"] else 1
-    stage = 4 * C * (BK + BV + gate) + C * BK * args["k"].element_size() + 1024
-    return max(config.num_stages - 1, 1) * stage + 4 * 2 * C * (BK + BV)
+    el = args["k"].element_size()
+    stage = 4 * C * (BK + BV + gate) + el * C * BK + 1024
+    base = 8 * C * (BK * BK // 128 + BV) if el < 4 else 4 * C * BK * BK // 128 + BK * BV
+    return (stages - 1) * stage + base
 
 
 @triton.heuristics(constexpr_flags("IS_VARLEN", "HAS_INITIAL_STATE"))
 @autotune(configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                   for bv in (64, 32, 16) for nw in (4, 8) for ns in (2, 3)],
+                   for bv in (64, 32, 16) for nw in (4, 8) for ns in (2, 3)]
+          + [triton.Config({"BV": bv}, num_warps=4, num_stages=1) for bv in (32, 16)],
           key=["H", "HV", "K", "V", "C", "PER_CHANNEL"], shared_memory=shared_memory)
 @triton.jit
 def chunk_state_scan_kernel(
