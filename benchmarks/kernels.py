@@ -3,10 +3,15 @@ roofline of the device, side by side with transformers' reference and fla (when 
 
     python benchmarks/kernels.py                 # GPU: Qwen3-Next / Kimi Linear shapes, bf16
     python benchmarks/kernels.py --quick         # small shapes (the CPU smoke run)
+    python benchmarks/kernels.py --sweep         # also the decode tile sweep (BV x warps)
 
 Prefill: H=16, HV=32, K=V=128 (Qwen3-Next, Qwen3.5) for T = 4096 .. 32768 and varlen 8x4096;
-KDA at H=HV=32. Decode: batch 1, 8, 64, 256 over a float32 state pool. The roofline (copy
-bandwidth, matmul rate) is measured in the same run. Writes results/kernels.{json,md,png}.
+KDA at H=HV=32. Decode: batch 1, 64, 256 over a float32 state pool, in both layouts, timed as
+the replay of a captured CUDA graph of the unchecked op (a runtime step's cost: no launch gaps,
+no input checks), with the tile sweep at each batch. The roofline (copy bandwidth, bf16 matmul
+on random data) is measured in the same run. GPU timings are CUDA-event medians
+(``triton.testing.do_bench``). Writes results/kernels.{json,md,png} (GRAPHDELTA_BENCH_RESULTS
+moves them).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-import graphdelta as gd
+import graphdelta  # noqa: F401 (registers torch.ops.graphdelta)
 from common import median_time, write_results
 
 CUDA = torch.cuda.is_available()
@@ -35,15 +40,26 @@ class Case:
     D: int = 128  # K = V
 
 
+def seconds(fn, repeats: int) -> float:
+    """Median time of ``fn()``: CUDA events on a GPU (``do_bench``, after its warm-up), else
+    the host clock."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(repeats * 5, 50), return_mode="median") / 1e3
+    return median_time(fn, repeats=repeats)
+
+
 def measure_roofline(dtype: torch.dtype) -> dict:
-    """Device-to-device copy bandwidth (bytes read + written per second) and matmul rate."""
-    n = (1 << 28) if CUDA else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    """Device-to-device copy bandwidth (bytes read + written per second) and matmul rate, on
+    random data (zeros multiply faster)."""
+    n = (1 << 30) if CUDA else (1 << 24)
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    copy_s = median_time(lambda: dst.copy_(src), repeats=10)
+    copy_s = seconds(lambda: dst.copy_(src), repeats=10)
     m = 8192 if CUDA else 1024
-    a = torch.randn(m, m, dtype=dtype, device=DEVICE)
-    mm_s = median_time(lambda: a @ a, repeats=10)
+    a, b = (torch.randn(m, m, dtype=dtype, device=DEVICE) for _ in range(2))
+    mm_s = seconds(lambda: a @ b, repeats=10)
     return {"copy_GBps": 2 * n / copy_s / 1e9, "matmul_TFLOPs": 2 * m**3 / mm_s / 1e12}
 
 
@@ -75,8 +91,9 @@ def prefill_cost(case: Case, dtype: torch.dtype, C: int = 64) -> tuple[float, fl
 
 def systems_prefill(case: Case):
     """name -> callable(q, k, v, g, beta, cu) for every system that runs this case here."""
-    out = {"graphdelta": lambda q, k, v, g, b, cu: gd.chunk_gated_delta_rule(
-        q, k, v, g, b, cu_seqlens=cu, output_final_state=True, use_qk_l2norm_in_kernel=True)}
+    # the unchecked op, as the runtime calls it (the public function reads cu_seqlens on the host)
+    out = {"graphdelta": lambda q, k, v, g, b, cu: torch.ops.graphdelta.chunk_gated_delta_rule(
+        q, k, v, g, b, q.shape[-1] ** -0.5, None, cu, True, "kv")}
     if importlib.util.find_spec("fla") is not None and CUDA:
         if case.per_channel:
             from fla.ops.kda import chunk_kda as fla_fn
@@ -100,7 +117,7 @@ def bench_prefill(cases: list[Case], dtype, roof: dict, repeats: int) -> list[di
         args = prefill_inputs(case, dtype)
         flops, bytes_ = prefill_cost(case, dtype)
         for system, fn in systems_prefill(case).items():
-            s = median_time(lambda: fn(*args), repeats=repeats)
+            s = seconds(lambda: fn(*args), repeats=repeats)
             rows.append({"kind": "prefill", "case": case.name, "system": system, "T": case.T, "ms": s * 1e3,
                          "TFLOPs": flops / s / 1e12, "GBps": bytes_ / s / 1e9,
                          "roofline_frac": max(flops / s / 1e12 / roof["matmul_TFLOPs"],
@@ -109,36 +126,85 @@ def bench_prefill(cases: list[Case], dtype, roof: dict, repeats: int) -> list[di
     return rows
 
 
-def bench_decode(batches: list[int], dtype, roof: dict, repeats: int, HV=32, H=16, D=128) -> list[dict]:
+def replayed(step, graphs: bool):
+    """``step`` as a callable to time: the replay of a CUDA graph capturing it (after two
+    warm-up calls that compile its kernels) on a GPU; itself elsewhere."""
+    if not graphs:
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def decode_inputs(B: int, dtype, H: int = 16, HV: int = 32, D: int = 128):
+    gen = torch.Generator(device=DEVICE).manual_seed(B)
+    q, k = (torch.randn(B, 1, H, D, generator=gen, device=DEVICE, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, 1, HV, D, generator=gen, device=DEVICE, dtype=dtype)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, 1, HV, generator=gen, device=DEVICE) + 3).to(dtype)
+    beta = torch.rand(B, 1, HV, generator=gen, device=DEVICE, dtype=dtype)
+    return q, k, v, g, beta
+
+
+def decode_tiles(sweep: bool) -> list[tuple[int, int]]:
+    """(BV, warps) of the decode kernel: the default, or the sweep's grid."""
+    from graphdelta.lowering import triton_recurrent as tr
+
+    if not sweep:
+        return [(tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS)]
+    return [(bv, w) for bv in (8, 16, 32, 64) for w in (1, 2, 4, 8)]
+
+
+def bench_decode(batches: list[int], dtype, roof: dict, repeats: int, sweep: bool, HV=32, H=16, D=128) -> list[dict]:
+    """The decode op on a pool (slots spread over twice the batch), replayed from a CUDA graph."""
+    from graphdelta.lowering import triton_recurrent as tr
+
     rows = []
+    default = (tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS)
     for B in batches:
-        gen = torch.Generator(device=DEVICE).manual_seed(B)
-        q, k = (torch.randn(B, 1, H, D, generator=gen, device=DEVICE, dtype=dtype) for _ in range(2))
-        v = torch.randn(B, 1, HV, D, generator=gen, device=DEVICE, dtype=dtype)
-        g = -torch.rand(B, 1, HV, generator=gen, device=DEVICE).to(dtype)
-        beta = torch.rand(B, 1, HV, generator=gen, device=DEVICE, dtype=dtype)
+        q, k, v, g, beta = decode_inputs(B, dtype, H, HV, D)
         el = torch.finfo(dtype).bits // 8
         bytes_ = 2 * B * HV * D * D * 4 + el * B * (2 * H * D + 2 * HV * D + 2 * HV)
         for layout in ("kv", "vk"):
-            pool = torch.zeros(2 * B, HV, D, D, device=DEVICE)
+            pool = 0.1 * torch.randn(2 * B, HV, D, D, device=DEVICE)
             slots = torch.arange(0, 2 * B, 2, device=DEVICE, dtype=torch.int32)
-            s = median_time(lambda: gd.gated_delta_rule_decode(q, k, v, g, beta, pool, slots,
-                                                               use_qk_l2norm_in_kernel=True,
-                                                               state_layout=layout), repeats=repeats)
-            rows.append({"kind": "decode", "case": f"decode B={B} {layout}", "system": f"graphdelta-{layout}",
-                         "T": B, "ms": s * 1e3, "TFLOPs": 0.0, "GBps": bytes_ / s / 1e9,
-                         "roofline_frac": bytes_ / s / 1e9 / roof["copy_GBps"]})
-            print(rows[-1], flush=True)
+            for bv, warps in decode_tiles(sweep):
+                tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS = bv, warps  # read at each launch
+                try:
+                    step = replayed(lambda: torch.ops.graphdelta.gated_delta_rule_decode(
+                        q, k, v, g, beta, pool, slots, D ** -0.5, True, layout, False), CUDA)
+                    s = seconds(step, repeats)
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row too
+                    print(f"decode B={B} {layout} BV={bv} warps={warps}: {type(e).__name__}: {e}", flush=True)
+                    continue
+                finally:
+                    tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS = default
+                tag = "" if (bv, warps) == default else f" BV={bv} w={warps}"
+                rows.append({"kind": "decode", "case": f"decode B={B} {layout}{tag}",
+                             "system": f"graphdelta-{layout}", "T": B, "BV": bv, "warps": warps,
+                             "ms": s * 1e3, "TFLOPs": 0.0, "GBps": bytes_ / s / 1e9,
+                             "roofline_frac": bytes_ / s / 1e9 / roof["copy_GBps"]})
+                print(rows[-1], flush=True)
         if importlib.util.find_spec("fla") is not None and CUDA:
             from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
-            h0 = torch.zeros(B, HV, D, D, device=DEVICE)
-            s = median_time(lambda: fused_recurrent_gated_delta_rule(
-                q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                use_qk_l2norm_in_kernel=True), repeats=repeats)
-            rows.append({"kind": "decode", "case": f"decode B={B}", "system": "fla", "T": B, "ms": s * 1e3,
-                         "TFLOPs": 0.0, "GBps": bytes_ / s / 1e9,
-                         "roofline_frac": bytes_ / s / 1e9 / roof["copy_GBps"]})
+            h0 = 0.1 * torch.randn(B, HV, D, D, device=DEVICE)
+            try:
+                step = replayed(lambda: fused_recurrent_gated_delta_rule(
+                    q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True), CUDA)
+                s = seconds(step, repeats)
+                rows.append({"kind": "decode", "case": f"decode B={B} kv", "system": "fla", "T": B, "ms": s * 1e3,
+                             "TFLOPs": 0.0, "GBps": bytes_ / s / 1e9,
+                             "roofline_frac": bytes_ / s / 1e9 / roof["copy_GBps"]})
+                print(rows[-1], flush=True)
+            except Exception as e:  # noqa: BLE001 - fla's version may not fit this torch
+                print(f"fla decode B={B}: {type(e).__name__}: {e}", flush=True)
     return rows
 
 
@@ -146,6 +212,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (default without a GPU)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true", help="decode tile sweep: BV in 8..64 x warps in 1..8")
+    parser.add_argument("--max-T", type=int, default=32768, help="longest prefill")
     args = parser.parse_args(argv)
     quick = args.quick or not CUDA
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -157,10 +225,10 @@ def main(argv=None) -> None:
                  Case("KDA T=512", 512, 4, 4, per_channel=True)]
         batches = [1, 8]
     else:
-        cases = [Case(f"GDN T={T}", T, 16, 32) for T in (4096, 8192, 16384, 32768)]
+        cases = [Case(f"GDN T={T}", T, 16, 32) for T in (4096, 8192, 16384, 32768) if T <= args.max_T]
         cases += [Case("GDN varlen 8x4096", 8 * 4096, 16, 32, seqs=8), Case("KDA T=8192", 8192, 32, 32, per_channel=True)]
-        batches = [1, 8, 64, 256]
-    rows = bench_prefill(cases, dtype, roof, repeats) + bench_decode(batches, dtype, roof, repeats)
+        batches = [1, 64, 256]
+    rows = bench_prefill(cases, dtype, roof, repeats) + bench_decode(batches, dtype, roof, repeats, args.sweep)
     for row in rows:  # ratios against the anchors measured in this run
         anchors = {r["system"]: r["ms"] for r in rows if r["case"] == row["case"]}
         row["vs_transformers"] = anchors["transformers"] / row["ms"] if "transformers" in anchors else float("nan")
@@ -183,6 +251,9 @@ def main(argv=None) -> None:
         fig.savefig(path, dpi=120)
 
     command = "python benchmarks/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for row in rows:
+        row.setdefault("BV", "")
+        row.setdefault("warps", "")
     md = write_results("kernels", rows, ["case", "system", "ms", "TFLOPs", "GBps", "roofline_frac",
                                          "vs_transformers", "vs_fla"], command.strip(), plot)
     print(f"\nroofline: copy {roof['copy_GBps']:.1f} GB/s, matmul {roof['matmul_TFLOPs']:.2f} TFLOP/s\n")

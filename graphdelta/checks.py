@@ -14,9 +14,10 @@ import operator
 
 import torch
 
+from graphdelta.lowering.contract import STATE_LAYOUTS, state_shape
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
-STATE_LAYOUTS = ("kv", "vk")
 MAX_HEAD_DIM = 256
 
 
@@ -55,11 +56,6 @@ def check_tensor(name: str, t, dims: int | None = None, dtypes=FLOAT_DTYPES) -> 
 def check_layout(state_layout) -> None:
     if state_layout not in STATE_LAYOUTS:
         raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
-
-
-def state_shape(n: int, hv: int, k: int, v: int, state_layout: str) -> tuple[int, int, int, int]:
-    """Shape of ``n`` recurrent states: ``[n, HV, K, V]`` (kv) or ``[n, HV, V, K]`` (vk)."""
-    return (n, hv, k, v) if state_layout == "kv" else (n, hv, v, k)
 
 
 def check_cu_seqlens(cu_seqlens, batch: int, total: int, device: torch.device) -> int:

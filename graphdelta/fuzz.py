@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from graphdelta.lowering.contract import state_shape
 from graphdelta.testing import Capabilities, ProblemSpec, check, problem_specs
 
 
@@ -55,8 +56,7 @@ def _decode_adapter(backend: str | None) -> Callable:
             use_qk_l2norm_in_kernel, state_layout):
         B, _, _, K = q.shape
         HV, V = v.shape[2:]
-        shape = (HV, K, V) if state_layout == "kv" else (HV, V, K)
-        pool = torch.full((B + 2, *shape), 7.0, device=q.device)
+        pool = torch.full(state_shape(B + 2, HV, K, V, state_layout), 7.0, device=q.device)
         slots = torch.arange(B + 1, 1, -1, device=q.device, dtype=torch.int32)
         pool[slots.long()] = 0.0 if initial_state is None else initial_state.float()
         with _backend(backend):

@@ -11,6 +11,7 @@ elsewhere; ``GRAPHDELTA_BACKEND`` forces one).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -18,10 +19,7 @@ from torch import Tensor
 
 from graphdelta import checks
 from graphdelta.lowering import implementation
-
-
-def _state_dtype(v: Tensor) -> torch.dtype:
-    return torch.float64 if v.dtype == torch.float64 else torch.float32
+from graphdelta.lowering.contract import compute_dtype, state_shape
 
 
 def _gated_delta_fake(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout):
@@ -29,8 +27,15 @@ def _gated_delta_fake(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk
     HV, V = v.shape[2:]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = v.new_empty(B, T, HV, V)
-    state = v.new_empty(checks.state_shape(N, HV, K, V, state_layout), dtype=_state_dtype(v))
+    state = v.new_empty(state_shape(N, HV, K, V, state_layout), dtype=compute_dtype(v.dtype))
     return o, state
+
+
+def on_device_of(t: Tensor):
+    """The context an op body runs in: ``t``'s CUDA device made current. Triton launches on the
+    current device and its current stream, so without it a tensor on ``cuda:1`` would be read
+    by a kernel launched on ``cuda:0``. (A no-op on any other device.)"""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _empty(x: Tensor) -> bool:
@@ -43,7 +48,7 @@ def _gated_delta_empty(q, v, initial_state, cu_seqlens, state_layout) -> tuple[T
     B, T, _, K = q.shape
     HV, V = v.shape[2:]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    final = v.new_zeros(checks.state_shape(N, HV, K, V, state_layout), dtype=_state_dtype(v))
+    final = v.new_zeros(state_shape(N, HV, K, V, state_layout), dtype=compute_dtype(v.dtype))
     if initial_state is not None:
         final.copy_(initial_state)
     return v.new_zeros(B, T, HV, V), final
@@ -58,8 +63,9 @@ def _chunk_op(
     if _empty(q):
         return _gated_delta_empty(q, v, initial_state, cu_seqlens, state_layout)
     fn = implementation("chunk_gated_delta_rule", q)
-    o, final = fn(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout)
-    return o.contiguous(), final.contiguous()
+    with on_device_of(q):
+        o, final = fn(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout)
+        return o.contiguous(), final.contiguous()
 
 
 @torch.library.custom_op("graphdelta::recurrent_gated_delta_rule", mutates_args=())
@@ -71,8 +77,9 @@ def _recurrent_op(
     if _empty(q):
         return _gated_delta_empty(q, v, initial_state, cu_seqlens, state_layout)
     fn = implementation("recurrent_gated_delta_rule", q)
-    o, final = fn(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout)
-    return o.contiguous(), final.contiguous()
+    with on_device_of(q):
+        o, final = fn(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, state_layout)
+        return o.contiguous(), final.contiguous()
 
 
 _chunk_op.register_fake(_gated_delta_fake)
@@ -90,9 +97,10 @@ def _decode_op(
         inter_shape = (B, T, *state_pool.shape[1:]) if output_intermediate_states else (0,)
         return v.new_zeros(v.shape), state_pool.new_zeros(inter_shape)
     fn = implementation("gated_delta_rule_decode", q)
-    o, inter = fn(q, k, v, g, beta, state_pool, state_indices, scale, use_qk_l2norm_in_kernel,
-                  state_layout, output_intermediate_states)
-    return o.contiguous(), inter.contiguous()
+    with on_device_of(q):
+        o, inter = fn(q, k, v, g, beta, state_pool, state_indices, scale, use_qk_l2norm_in_kernel,
+                      state_layout, output_intermediate_states)
+        return o.contiguous(), inter.contiguous()
 
 
 @_decode_op.register_fake
@@ -112,9 +120,10 @@ def _conv_op(
         N = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         if initial_state is not None:
             return x.new_zeros(x.shape), initial_state.clone()
-        return x.new_zeros(x.shape), x.new_zeros(N, x.shape[2], weight.shape[1] - 1, dtype=_state_dtype(x))
-    y, final = implementation("causal_conv1d", x)(x, weight, bias, initial_state, cu_seqlens, activation)
-    return y.contiguous(), final.contiguous()
+        return x.new_zeros(x.shape), x.new_zeros(N, x.shape[2], weight.shape[1] - 1, dtype=compute_dtype(x.dtype))
+    with on_device_of(x):
+        y, final = implementation("causal_conv1d", x)(x, weight, bias, initial_state, cu_seqlens, activation)
+        return y.contiguous(), final.contiguous()
 
 
 @_conv_op.register_fake
@@ -122,7 +131,7 @@ def _(x, weight, bias, initial_state, cu_seqlens, activation):
     B, T, D = x.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is None:
-        state = x.new_empty(N, D, weight.shape[1] - 1, dtype=_state_dtype(x))
+        state = x.new_empty(N, D, weight.shape[1] - 1, dtype=compute_dtype(x.dtype))
     else:
         state = initial_state.new_empty(N, D, initial_state.shape[-1])
     return x.new_empty(B, T, D), state
@@ -135,8 +144,9 @@ def _conv_update_op(
 ) -> Tensor:
     if _empty(x):  # the pool is left as it is
         return x.new_zeros(x.shape)
-    y = implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, state_indices, activation)
-    return y.contiguous()
+    with on_device_of(x):
+        y = implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, state_indices, activation)
+        return y.contiguous()
 
 
 @_conv_update_op.register_fake
@@ -146,7 +156,8 @@ def _(x, conv_state, weight, bias, state_indices, activation):
 
 @torch.library.custom_op("graphdelta::gated_rms_norm", mutates_args=())
 def _norm_op(x: Tensor, gate: Tensor, weight: Tensor, eps: float, activation: str, norm_before_gate: bool) -> Tensor:
-    return implementation("gated_rms_norm", x)(x, gate, weight, eps, activation, norm_before_gate).contiguous()
+    with on_device_of(x):
+        return implementation("gated_rms_norm", x)(x, gate, weight, eps, activation, norm_before_gate).contiguous()
 
 
 @_norm_op.register_fake

@@ -23,6 +23,7 @@ import torch
 from hypothesis import strategies as st
 
 from graphdelta import reference
+from graphdelta.lowering.contract import state_shape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCES = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -75,8 +76,7 @@ class ProblemSpec:
         g = self._gate((B, T, HV, K) if self.per_channel_gate else (B, T, HV), gen)
         h0 = None
         if self.initial_state:
-            shape = (self.N, HV, K, V) if self.state_layout == "kv" else (self.N, HV, V, K)
-            h0 = randn(*shape) * 0.5
+            h0 = randn(*state_shape(self.N, HV, K, V, self.state_layout)) * 0.5
         cu = None
         if self.seqlens is not None:
             cu = torch.tensor([0, *torch.tensor(self.seqlens).cumsum(0).tolist()], dtype=torch.int32)

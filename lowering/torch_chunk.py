@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from graphdelta.reference import l2norm, to_kv
+from .contract import compute_dtype, l2norm, to_kv
 from .varlen import Packing, pad_to_multiple
 
 SUBCHUNK = 16
 SCAN_GROUP = 16  # chunks whose outputs are computed together after the scan (see the scan)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .torch_chunk import compute_dtype
+from .contract import compute_dtype
 from .varlen import Packing, write_rows
 
 

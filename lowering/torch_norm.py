@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_chunk import compute_dtype
+from .contract import compute_dtype
 
 
 def gated_rms_norm(

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from graphdelta.reference import l2norm, to_kv
-from .torch_chunk import compute_dtype
+from .contract import compute_dtype, l2norm, to_kv
 from .varlen import Packing, write_rows
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .contract import state_shape
 from .triton_chunk_utils import ChunkPlan, dot_precision
 from .triton_cumsum import chunk_cumsum
 from .triton_kkt_solve import chunk_kkt, solve_tril
@@ -72,10 +73,10 @@ def chunk_gated_delta_rule(
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    plan = ChunkPlan.build(batch=B, total=T, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    plan = ChunkPlan.for_call(batch=B, total=T, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     if T == 0:
-        shape = (plan.num_seqs, HV, K, V) if state_layout == "kv" else (plan.num_seqs, HV, V, K)
-        final = torch.zeros(shape, dtype=torch.float32, device=v.device)
+        final = torch.zeros(state_shape(plan.num_seqs, HV, K, V, state_layout), dtype=torch.float32,
+                            device=v.device)
         if initial_state is not None:
             final.copy_(initial_state)
         return v.new_empty(B, T, HV, V), final

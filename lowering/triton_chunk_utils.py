@@ -1,7 +1,8 @@
 """What the stages of the Triton chunked gated delta rule (``triton_chunk.py``) share.
 
 - ``ChunkPlan``: chunk size, sequence bounds and, for packed sequences, the chunk table that
-  maps a program to its (sequence, chunk), built on the device without a host sync;
+  maps a program to its (sequence, chunk), built on the device without a host sync, once per
+  ``cu_seqlens`` tensor (``ChunkPlan.for_call``);
 - ``chunk_span``: the token range of one chunk, inside a kernel;
 - ``load_qk`` / ``load_gate``: a block of q or k rows (optionally l2-normalized) and of the
   cumulative gate, read so that rows past the end of a sequence can never make an exponent
@@ -9,24 +10,24 @@
 - ``decayed_gram_left`` / ``decayed_gram_diag``: ``sum_c a_ic b_jc exp(G_ic - G_jc)`` for one
   16-row block of a chunk, left of and inside its diagonal block, for the scalar (GDN) and the
   per-channel (KDA) gate;
-- ``autotune``: ``triton.autotune`` on a GPU, a single fixed config under the interpreter.
 
 Token tensors are addressed flat: token ``t`` of batch row ``b`` is ``b * T + t``; packed
 sequences live in a ``B == 1`` batch, so their tokens are already flat.
 """
 from __future__ import annotations
 
-import os
+import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import contract
+
 SUBCHUNK = 16  # rows of the diagonal blocks (tl.dot needs >= 16 under the interpreter)
 CHUNK_SIZES = (16, 32, 64)
-L2NORM_EPS = tl.constexpr(1e-6)  # as graphdelta.reference.l2norm
+L2NORM_EPS = tl.constexpr(contract.L2NORM_EPS)
 
 
 # Optional inputs become constexpr flags (triton.heuristics) of the kernels that take them.
@@ -39,12 +40,6 @@ _FLAGS = {
 def constexpr_flags(*names: str) -> dict:
     """The ``triton.heuristics`` that derive the constexpr flags ``names`` from the arguments."""
     return {name: _FLAGS[name] for name in names}
-
-
-def autotune(configs: list[triton.Config], key: list[str]):
-    """``triton.autotune`` over ``configs`` on a GPU; under the interpreter only the first
-    config, which runs without benchmarking (tuning there measures nothing but Python)."""
-    return triton.autotune(configs=configs[:1] if INTERPRETED else configs, key=key)
 
 
 def dot_precision(*tensors: torch.Tensor) -> str:
@@ -98,9 +93,29 @@ class ChunkPlan:
         return ChunkPlan(C, N, num_slots, num_slots, cu_seqlens, table.contiguous(),
                          chunk_offsets.to(torch.int32))
 
+    @staticmethod
+    def for_call(batch: int, total: int, cu_seqlens: torch.Tensor | None,
+                 chunk_size: int) -> "ChunkPlan":
+        """``build``, reusing the last packed plan while the same ``cu_seqlens`` tensor comes
+        back unchanged: every linear layer of a forward passes the one its runner built, and a
+        plan costs about 8 small kernels (fla's ``tensor_cache`` does the same)."""
+        global _last_plan
+        if cu_seqlens is None:
+            return ChunkPlan.build(batch, total, None, chunk_size)
+        key = (cu_seqlens._version, batch, total, chunk_size)
+        last = _last_plan
+        if last is not None and last[0]() is cu_seqlens and last[1] == key:
+            return last[2]
+        plan = ChunkPlan.build(batch, total, cu_seqlens, chunk_size)
+        _last_plan = (weakref.ref(cu_seqlens), key, plan)
+        return plan
+
     def chunk_grid(self, batch: int, heads: int) -> tuple[int, int]:
         """Grid of the per-chunk stages: (chunk of a batch row, batch row * head)."""
         return (self.chunks_per_row, batch * heads)
+
+
+_last_plan: tuple | None = None  # (weak reference to cu_seqlens, key, plan) of the last packed call
 
 
 @triton.jit

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_autotune import autotune
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tile sizes. On CUDA the prefill kernel is autotuned; the interpreter gets one wide tile, since
@@ -183,7 +185,7 @@ def _conv_configs():
     ]
 
 
-causal_conv1d_kernel_tuned = triton.autotune(
+causal_conv1d_kernel_tuned = autotune(
     configs=_conv_configs(), key=["D", "W", "HAS_BIAS", "IS_VARLEN", "USE_INITIAL_STATE"]
 )(causal_conv1d_kernel)
 

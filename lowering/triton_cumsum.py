@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk_utils import ChunkPlan, autotune, chunk_span, constexpr_flags
+from .triton_autotune import autotune
+from .triton_chunk_utils import ChunkPlan, chunk_span, constexpr_flags
 
 GATE_FLOOR = tl.constexpr(-80.0)
 

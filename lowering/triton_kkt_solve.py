@@ -3,9 +3,15 @@
     A[i, j] = beta_i sum_c k_ic k_jc exp(G_ic - G_jc)      (j < i, else 0)
 
 is the strictly lower-triangular, decayed and beta-scaled K K^T of the chunk. Two kernels:
-``chunk_kkt`` writes A row block by row block; ``solve_tril`` inverts the unit lower-triangular
-``I + A``, first its 16x16 diagonal blocks by forward substitution, then merging pairs of
-inverted blocks into blocks twice as large (16 -> 32 -> 64), computing lower blocks only.
+``chunk_kkt`` writes A; ``solve_tril`` inverts the unit lower-triangular ``I + A``, first its
+16x16 diagonal blocks by forward substitution, then merging pairs of inverted blocks into
+blocks twice as large (16 -> 32 -> 64), computing lower blocks only.
+
+A scalar gate (GDN) factors out of the sum: ``A = (K K^T) * exp(G_i - G_j)``, one
+``[C, K] x [K, C]`` product and a mask. A per-channel gate (KDA) does not, and A is built
+16 rows at a time through ``decayed_gram_left`` / ``decayed_gram_diag``. (The GDN kernel once
+took the blocked path too: its ``[C, BK]`` fp32 tile, live across the 16-row loop, needed 255
+registers and spilled in every config on sm_90a.)
 """
 from __future__ import annotations
 
@@ -13,15 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_autotune import autotune
 from .triton_chunk_utils import (
-    SUBCHUNK, ChunkPlan, autotune, chunk_span, constexpr_flags, decayed_gram_diag,
+    SUBCHUNK, ChunkPlan, chunk_span, constexpr_flags, decayed_gram_diag,
     decayed_gram_left, gate_rows, load_gate, load_qk,
 )
 
 
+def kkt_shared_memory(config: triton.Config, args: dict) -> int:
+    """Shared memory in bytes: the two fp32 ``[C, BK]`` operands of ``K K^T`` (GDN; KDA's
+    blocked form needs less). sm_90, Triton 3.9, K = 128: 64 KB (GDN), 40 KB (KDA)."""
+    return 2 * 4 * args["C"] * args["BK"]
+
+
 @triton.heuristics(constexpr_flags("IS_VARLEN"))
 @autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
-          key=["H", "HV", "K", "C", "PER_CHANNEL"])
+          key=["H", "HV", "K", "C", "PER_CHANNEL"], shared_memory=kkt_shared_memory)
 @triton.jit
 def chunk_kkt_kernel(
     k, gc, beta, A, cu_seqlens, chunk_indices, T, NT,
@@ -37,29 +50,39 @@ def chunk_kkt_kernel(
     b_k, _ = load_qk(k, o_t, eos, i_h, H, K, C, BK, L2NORM)  # [C, BK]
     b_g = load_gate(gc, o_t, bos, eos, i_hv, HV, K, BK, PER_CHANNEL)
     o_c = tl.arange(0, C)
-    o_d = tl.arange(0, BC)
-    for i_r in tl.static_range(C // BC):
-        o_i = t0 + i_r * BC + o_d
-        m_i = o_i < eos
-        b_ki, b_fi = load_qk(k, o_i, eos, i_h, H, K, BC, BK, L2NORM)  # [BC, BK]
-        b_gi = load_gate(gc, o_i, bos, eos, i_hv, HV, K, BK, PER_CHANNEL)
-        b_beta = tl.load(beta + o_i * HV + i_hv, mask=m_i, other=0.0).to(tl.float32)
-        o_g, m_g = gate_rows(o_i, bos, eos, i_hv, HV, K)
-        p_k = k + (o_i * H + i_h) * K
-        b_left = decayed_gram_left(b_ki, b_gi, b_k, b_g, i_r, C, BC, PER_CHANNEL, DOT_PRECISION)
-        b_diag = decayed_gram_diag(b_ki, b_ki, b_gi, p_k, p_k, b_fi, b_fi, m_i, gc + o_g, m_g,
-                                   K, BC, BKD, True, PER_CHANNEL, DOT_PRECISION)
-        o_row = (o_i[:, None] * HV + i_hv) * C
-        m_left = m_i[:, None] & (o_c < i_r * BC)[None, :]
-        tl.store(A + o_row + o_c[None, :], b_left * b_beta[:, None], mask=m_left)
-        tl.store(A + o_row + i_r * BC + o_d[None, :], b_diag * b_beta[:, None], mask=m_i[:, None])
+    if not PER_CHANNEL:  # the gate factors out: one product, then the decay mask
+        m_t = o_t < eos
+        b_beta = tl.load(beta + o_t * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
+        b_A = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)  # [C, C]
+        m_ij = o_c[:, None] > o_c[None, :]
+        b_A *= tl.exp(tl.where(m_ij, b_g[:, None] - b_g[None, :], float("-inf")))
+        p_A = A + (o_t[:, None] * HV + i_hv) * C + o_c[None, :]
+        tl.store(p_A, b_A * b_beta[:, None], mask=m_t[:, None])
+    else:
+        o_d = tl.arange(0, BC)
+        for i_r in tl.static_range(C // BC):
+            o_i = t0 + i_r * BC + o_d
+            m_i = o_i < eos
+            b_ki, b_fi = load_qk(k, o_i, eos, i_h, H, K, BC, BK, L2NORM)  # [BC, BK]
+            b_gi = load_gate(gc, o_i, bos, eos, i_hv, HV, K, BK, PER_CHANNEL)
+            b_beta = tl.load(beta + o_i * HV + i_hv, mask=m_i, other=0.0).to(tl.float32)
+            o_g, m_g = gate_rows(o_i, bos, eos, i_hv, HV, K)
+            p_k = k + (o_i * H + i_h) * K
+            b_left = decayed_gram_left(b_ki, b_gi, b_k, b_g, i_r, C, BC, PER_CHANNEL, DOT_PRECISION)
+            b_diag = decayed_gram_diag(b_ki, b_ki, b_gi, p_k, p_k, b_fi, b_fi, m_i, gc + o_g, m_g,
+                                       K, BC, BKD, True, PER_CHANNEL, DOT_PRECISION)
+            o_row = (o_i[:, None] * HV + i_hv) * C
+            m_left = m_i[:, None] & (o_c < i_r * BC)[None, :]
+            tl.store(A + o_row + o_c[None, :], b_left * b_beta[:, None], mask=m_left)
+            tl.store(A + o_row + i_r * BC + o_d[None, :], b_diag * b_beta[:, None], mask=m_i[:, None])
 
 
 def chunk_kkt(k: torch.Tensor, gc: torch.Tensor, beta: torch.Tensor, plan: ChunkPlan,
               use_qk_l2norm_in_kernel: bool, dot_precision: str) -> torch.Tensor:
     """k ``[B, T, H, K]``, gc (cumulative gate) ``[B, T, HV(, K)]``, beta ``[B, T, HV]`` ->
-    A ``[B, T, HV, C]`` fp32: row t holds A[t, :] of t's chunk up to its diagonal block
-    (strictly lower there); the columns right of it are not written."""
+    A ``[B, T, HV, C]`` fp32: row t holds A[t, :] of t's chunk, strictly lower. GDN writes the
+    whole row (zeros from the diagonal on); KDA writes up to the row's 16-wide diagonal block
+    and leaves the columns right of it unwritten (``solve_tril`` never reads them)."""
     B, T, H, K = k.shape
     HV = beta.shape[2]
     C = plan.chunk_size

@@ -13,16 +13,25 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_autotune import autotune
 from .triton_chunk_utils import (
-    SUBCHUNK, ChunkPlan, autotune, chunk_span, constexpr_flags, decayed_gram_diag,
+    SUBCHUNK, ChunkPlan, chunk_span, constexpr_flags, decayed_gram_diag,
     decayed_gram_left, gate_rows, load_gate, load_qk,
 )
+
+
+def shared_memory(config: triton.Config, args: dict) -> int:
+    """Shared memory of a config in bytes: the fp32 operands of the products, ``h [BK, BV]``,
+    ``U [C, BV]``, ``k [C, BK]`` and the 16-row blocks of q, k and U. Exactly what sm_90 gave
+    for GDN at K = V = 128 (Triton 3.9; KDA 8 KB less); no loop is pipelined."""
+    C, BK, BC, BV = args["C"], args["BK"], args["BC"], config.kwargs["BV"]
+    return 4 * (BK * BV + C * BV + C * BK) + 4 * BC * (3 * BK + BV)
 
 
 @triton.heuristics(constexpr_flags("IS_VARLEN"))
 @autotune(configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                    for bv in (64, 32) for nw in (4, 8) for ns in (2, 3)],
-          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"])
+          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"], shared_memory=shared_memory)
 @triton.jit
 def chunk_output_kernel(
     q, k, v_new, h, gc, o, scale, cu_seqlens, chunk_indices, T, NT,

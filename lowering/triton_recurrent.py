@@ -28,7 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .contract import L2NORM_EPS, state_shape
+from . import triton_autotune
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EPS = tl.constexpr(L2NORM_EPS)  # of the in-kernel l2norm
 
 # The decode step runs with one fixed config rather than an autotuned one: autotuning would
 # apply the in-place update several times (or clone a pool that may fill the GPU), and a first
@@ -138,9 +142,9 @@ def fused_recurrent_kernel(
         b_k = tl.load(k + (i_t * H + i_h) * K + o_k, mask=m_k_row, other=0).to(tl.float32)
         b_v = tl.load(v + (i_t * HV + i_hv) * V + o_v, mask=m_v_row, other=0).to(tl.float32)
         b_beta = tl.load(beta + i_t * HV + i_hv, mask=m_row, other=0).to(tl.float32)
-        if USE_QK_L2NORM:  # eps as graphdelta.reference.L2NORM_EPS
-            b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6)
-            b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
+        if USE_QK_L2NORM:
+            b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + EPS)
+            b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + EPS)
         b_q = b_q * scale
         if PER_CHANNEL_GATE:
             b_g = tl.load(g + (i_t * HV + i_hv) * K + o_k, mask=m_k_row, other=0).to(tl.float32)
@@ -163,16 +167,15 @@ def fused_recurrent_kernel(
             tl.store(p_ht, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop V tiles wider than V itself (they only add masked lanes). Arguments passed by keyword
-    reach the pruner in ``kwargs``, positional ones in ``named_args``."""
-    widest = triton.next_power_of_2({**named_args, **kwargs}["V"])
-    kept = [c for c in configs if c.kwargs["BV"] <= widest]
-    return kept or configs[:1]
+def _no_wider_than_v(configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    """Drop V tiles wider than V itself (they only add masked lanes)."""
+    widest = triton.next_power_of_2(args["V"])
+    return [c for c in configs if c.kwargs["BV"] <= widest] or configs[:1]
 
 
-# Prefill on CUDA only: no pool is updated in place, so the candidates can simply be timed.
-fused_recurrent_kernel_tuned = triton.autotune(
+# Prefill on CUDA only: no pool is updated in place, so the candidates can simply be timed. The
+# state tile lives in registers: no config needs shared memory beyond its reductions.
+fused_recurrent_kernel_tuned = triton_autotune.autotune(
     configs=[
         triton.Config({"BV": bv}, num_warps=w, num_stages=s)
         for bv in (8, 16, 32)
@@ -180,7 +183,7 @@ fused_recurrent_kernel_tuned = triton.autotune(
         for s in (2, 3)
     ],
     key=["H", "HV", "K", "V", "STATE_VK", "PER_CHANNEL_GATE", "STORE_INTERMEDIATE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune=_no_wider_than_v,
 )(fused_recurrent_kernel)
 
 
@@ -325,8 +328,7 @@ def recurrent_gated_delta_rule(
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    shape = (N, HV, K, V) if state_layout == "kv" else (N, HV, V, K)
-    final = torch.empty(shape, dtype=torch.float32, device=q.device)
+    final = torch.empty(state_shape(N, HV, K, V, state_layout), dtype=torch.float32, device=q.device)
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))

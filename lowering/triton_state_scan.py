@@ -17,13 +17,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk_utils import ChunkPlan, autotune, constexpr_flags, load_gate, load_qk
+from .contract import state_shape
+from .triton_autotune import autotune
+from .triton_chunk_utils import ChunkPlan, constexpr_flags, load_gate, load_qk
+
+
+def shared_memory(config: triton.Config, args: dict) -> int:
+    """Shared memory of a config in bytes, fitted on sm_90 compiles (Triton 3.9; bf16 and fp32,
+    K = 128 and 256, GDN and KDA; tests/test_autotune.py holds them) so that it is never below
+    the compiler's number and falls on the same side of the limit. Unpipelined (1 stage): the
+    fp32 operands w ``[C, BK]``, U ``[C, BV]`` and S ``[BK, BV]``. Pipelined: each stage buffers
+    w and u fp32, k and the gate; 16-bit k adds its fp32 conversion. KDA's per-channel gate
+    makes 3-stage configs too large at K = 128 (241 to 295 KB), and at K = 256 only unpipelined
+    configs fit (86 to 147 KB)."""
+    C, BK, BV, stages = args["C"], args["BK"], config.kwargs["BV"], config.num_stages
+    if stages == 1:
+        return 4 * (C * BK + C * BV + BK * BV)
+    gate = BK if args["PER_CHANNEL"] else 1
+    el = args["k"].element_size()
+    stage = 4 * C * (BK + BV + gate) + el * C * BK + 1024
+    base = 8 * C * (BK * BK // 128 + BV) if el < 4 else 4 * C * BK * BK // 128 + BK * BV
+    return (stages - 1) * stage + base
 
 
 @triton.heuristics(constexpr_flags("IS_VARLEN", "HAS_INITIAL_STATE"))
 @autotune(configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                   for bv in (64, 32, 16) for nw in (4, 8) for ns in (2, 3)],
-          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"])
+                   for bv in (64, 32, 16) for nw in (4, 8) for ns in (2, 3)]
+          + [triton.Config({"BV": bv}, num_warps=4, num_stages=1) for bv in (32, 16)],
+          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"], shared_memory=shared_memory)
 @triton.jit
 def chunk_state_scan_kernel(
     k, w, u, gc, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, T, NT,
@@ -100,8 +121,7 @@ def chunk_state_scan(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gc: torc
     N = plan.num_seqs
     h = torch.empty(plan.num_slots, HV, K, V, dtype=torch.float32, device=k.device)
     v_new = torch.empty_like(u)
-    shape = (N, HV, K, V) if state_layout == "kv" else (N, HV, V, K)
-    final_state = torch.empty(shape, dtype=torch.float32, device=k.device)
+    final_state = torch.empty(state_shape(N, HV, K, V, state_layout), dtype=torch.float32, device=k.device)
 
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), N * HV)

@@ -11,14 +11,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_autotune import autotune
 from .triton_chunk_utils import (
-    ChunkPlan, autotune, chunk_span, constexpr_flags, load_gate, load_qk,
+    ChunkPlan, chunk_span, constexpr_flags, load_gate, load_qk,
 )
+
+
+def shared_memory(config: triton.Config, args: dict) -> int:
+    """Shared memory in bytes: the fp32 operands ``(I + A)^-1 [C, C]``, ``k [C, BK]`` and a
+    value tile ``[C, BV]``. sm_90, Triton 3.9, K = V = 128: 48 KB."""
+    C = args["C"]
+    return 4 * C * (C + args["BK"] + args["BV"])
 
 
 @triton.heuristics(constexpr_flags("IS_VARLEN"))
 @autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
-          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"])
+          key=["H", "HV", "K", "V", "C", "PER_CHANNEL"], shared_memory=shared_memory)
 @triton.jit
 def recompute_w_u_kernel(
     k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,

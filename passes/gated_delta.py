@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import torch
 
+from graphdelta.lowering.contract import compute_dtype
+
 from . import effects, grammar
 from .delta_check import Roles, confirm, draw, lengths
 from .discover import Binder, Call, Callee
@@ -375,7 +377,7 @@ def replacement(rec: RecognizedDelta, original: Callable, binder: Binder, state_
         q, k, v, g, beta = (roles.to_function(bound[n]) for n in roles.tensors())  # [B, T, H, .]
         state = bound.get(roles.state) if roles.state is not None else None
         if state is not None:
-            state = state.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
+            state = state.to(compute_dtype(v.dtype))
         o, final = op(q, k, v, g, beta, q.shape[-1] ** -0.5, state, None, variant.l2norm, state_layout)
         o = roles.to_function(o).to(variant.out_dtype)
         return o, (final.to(variant.state_dtype) if variant.returns_state else None)

@@ -215,3 +215,47 @@ def test_checker_catches_a_wrong_answer_and_an_unwritten_output():
     for broken in (wrong_scale, forgets_a_token):
         with pytest.raises(AssertionError, match="reproduce with"):
             check(broken, p)
+
+
+def test_op_bodies_run_on_their_inputs_device(monkeypatch):
+    """Each op body makes its first input's CUDA device current (Triton launches on the
+    current device): a stand-in records the device it is asked for."""
+    from graphdelta import ops
+
+    assert isinstance(ops.on_device_of(torch.zeros(1)), type(__import__("contextlib").nullcontext()))
+
+    class OnCuda1:
+        device = torch.device("cuda", 1)
+
+    assert ops.on_device_of(OnCuda1()).idx == 1  # torch.cuda.device(1), entered by the body
+    seen = []
+    real = ops.on_device_of
+
+    def spy(t):
+        seen.append(t.device)
+        return real(t)
+
+    monkeypatch.setattr(ops, "on_device_of", spy)
+    p = ProblemSpec(T=5, K=16, V=16, initial_state=True).build()
+    gd.chunk_gated_delta_rule(p.q, p.k, p.v, p.g, p.beta, initial_state=p.initial_state)
+    gd.recurrent_gated_delta_rule(p.q, p.k, p.v, p.g, p.beta)
+    pool = torch.zeros(2, 1, 16, 16)
+    gd.gated_delta_rule_decode(p.q[:, :1], p.k[:, :1], p.v[:, :1], p.g[:, :1], p.beta[:, :1], pool,
+                               torch.tensor([1]))
+    x, w = torch.randn(1, 5, 8), torch.randn(8, 4)
+    gd.causal_conv1d(x, w)
+    gd.causal_conv1d_update(x[:, :1], torch.zeros(1, 8, 3), w)
+    gd.gated_rms_norm(x, x, torch.ones(8))
+    assert seen == [torch.device("cpu")] * 6
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_on_the_second_gpu_match_the_first(monkeypatch):
+    monkeypatch.setenv("GRAPHDELTA_BACKEND", "triton")
+    p = ProblemSpec(T=70, K=32, V=32, dtype="bfloat16", initial_state=True, seed=3).build()
+    args = [x.to("cuda:1") for x in (p.q, p.k, p.v, p.g, p.beta)]
+    o, s = gd.chunk_gated_delta_rule(*args, initial_state=p.initial_state.to("cuda:1"), output_final_state=True)
+    ref_o, ref_s = gd.chunk_gated_delta_rule(*(x.cuda(0) for x in args), initial_state=p.initial_state.cuda(0),
+                                             output_final_state=True)
+    assert o.device == torch.device("cuda", 1)
+    assert torch.equal(o.cpu(), ref_o.cpu()) and torch.equal(s.cpu(), ref_s.cpu())

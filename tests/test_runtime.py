@@ -200,6 +200,50 @@ def test_compiled_steps_match_eager_steps(qwen):
         torch.testing.assert_close(a[:3], b[:3], atol=ATOL, rtol=0)
 
 
+def test_static_steps_read_a_window_bucket(qwen):
+    """Attention reads the longest live sequence's positions, rounded up: to a power-of-two
+    bucket from 64 for static steps (compiled or CUDA graphs: few shapes), to a multiple of 64
+    eagerly; never the whole cache."""
+    static = Runner(qwen, max_seqs=2, max_len=1000, compile_steps=True)  # compiles on first use only
+    eager = Runner(qwen, max_seqs=2, max_len=1000)
+    assert static.windows == [64, 128, 256, 512, 1000]
+    assert [static._window(n) for n in (1, 64, 65, 300, 513, 1000)] == [64, 64, 128, 512, 1000, 1000]
+    assert [eager._window(n) for n in (1, 65, 130, 999)] == [64, 128, 192, 1000]
+    assert static._window(130, packed=True) == 192  # prefill is never static
+
+
+def test_a_window_bucket_gives_the_logits_of_the_whole_cache(qwen):
+    """The same step over a 128-position window and over all 512: the positions past the
+    sequences are masked, and the logits are the same."""
+    runners = [Runner(qwen, max_seqs=2, max_len=512) for _ in range(2)]
+    logits = []
+    for runner, window in zip(runners, (128, 512)):
+        slots = [runner.allocate() for _ in range(2)]
+        last = runner.prefill(slots, [tokens(70, seed=4)[0], tokens(9, seed=5)[0]])
+        with torch.no_grad():
+            out, _ = runner._run(last.argmax(-1)[:, None], torch.tensor(slots), torch.tensor([70, 9]), window,
+                                 keep=False)
+        logits.append(out)
+    torch.testing.assert_close(logits[0], logits[1], atol=ATOL, rtol=0)
+
+
+def test_prefill_validates_once_on_the_host(qwen, monkeypatch):
+    """The runner builds cu_seqlens on the host from lengths it checked; the layers call the
+    unchecked ops, whose checks would read cu_seqlens back from the device in every layer."""
+    runner = Runner(qwen, max_seqs=2, max_len=64)
+    slots = [runner.allocate() for _ in range(2)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a layer checked cu_seqlens")
+
+    monkeypatch.setattr(graphdelta.checks, "check_cu_seqlens", refuse)
+    prompt = tokens(19, seed=2)[0]
+    got = runner.prefill(slots, [tokens(7, seed=1)[0], prompt])
+    with torch.no_grad():
+        ref = qwen(prompt[None]).logits[0, -1]
+    torch.testing.assert_close(got[1], ref, atol=ATOL, rtol=0)
+
+
 def test_chunked_prefill_equals_one_shot(qwen):
     long_prompt = tokens(70, seed=7)[0]
     one = Runner(qwen, max_seqs=2, max_len=96)
@@ -393,7 +437,7 @@ def test_cuda_graph_replay_equals_eager_and_addresses_never_change():
     eager.free(es[0])
     toks = le[1:].argmax(-1).tolist()
     torch.testing.assert_close(graphs.decode(gs[1:], toks), eager.decode(es[1:], toks), atol=1e-4, rtol=0)
-    assert sorted(k[0] for k in graphs._graphs) == [2, 4]  # one capture per bucket used
+    assert sorted(graphs._graphs) == [(2, 1, False, 64), (4, 1, False, 64)]  # one capture per bucket used
     assert graphs.cache.addresses() == addresses
     for before, pool in zip(unused, graphs.cache.conv + graphs.cache.state):  # padded rows wrote nothing
         assert torch.equal(before, pool[3])

@@ -324,3 +324,17 @@ def test_static_experts_restores_the_users_config_across_threads(qwen):
         t.join()
     assert set(seen) == {"batched_mm"} and len(seen) == 80
     assert qwen.config._experts_implementation == original
+
+
+def test_static_steps_dispatch_experts_per_device(qwen):
+    """batched_mm off Hopper's bf16 (grouped_mm's fallback there syncs with the host, which a
+    CUDA graph cannot hold; inductor compiles batched_mm whole on CPU); the runner's choice is
+    what its static steps switch to."""
+    from graphdelta.runtime.forward import experts_implementation
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert experts_implementation(torch.device("cpu"), dtype) == "batched_mm"
+    runner = Runner(qwen, max_seqs=1, max_len=16)
+    assert runner.experts == "batched_mm"
+    with static_experts([qwen.config], "grouped_mm"):
+        assert qwen.config._experts_implementation == "grouped_mm"

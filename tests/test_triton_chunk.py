@@ -1,7 +1,8 @@
 """The Triton chunked gated delta rule (``lowering/triton_chunk.py``) against the reference.
 
-Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py) at small
-shapes; the GPU tests at the end run real sizes against the PyTorch path.
+Inputs live on the test device: a GPU when there is one, else the CPU, where the kernels run
+under ``TRITON_INTERPRET=1`` (set by conftest.py) at small shapes. The reference runs on the
+CPU in float64. The GPU tests at the end run real sizes against the PyTorch path.
 
 Every comparison is a relative norm error ``||x - ref|| / ||ref||`` against
 ``graphdelta.reference.gated_delta_rule`` in float64 on the same (dtype-rounded) inputs.
@@ -20,11 +21,14 @@ from hypothesis import given, settings, strategies as st
 
 import graphdelta
 from graphdelta.lowering import torch_chunk
+from graphdelta.lowering.contract import state_shape
 from graphdelta.lowering.triton_chunk import chunk_gated_delta_rule
 from graphdelta.lowering.triton_chunk_utils import ChunkPlan
 from graphdelta.reference import gated_delta_rule
 from graphdelta.testing import poisoned_allocations
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUTS = ("kv", "vk")
 CHUNK_SIZES = (16, 32, 64)
@@ -56,7 +60,7 @@ CASES = {
 
 def make_inputs(B=1, T=32, H=1, HV=2, K=32, V=32, per_channel=False, gate="uniform", init=False,
                 layout="kv", lengths=None, l2norm=True, dtype=torch.float32, seed=0, **_):
-    """Random inputs (in ``dtype``) and the call's keyword arguments."""
+    """Random inputs (in ``dtype``, on DEVICE) and the call's keyword arguments."""
     gen = torch.Generator().manual_seed(seed)
     if lengths is not None:
         B, T = 1, sum(lengths)
@@ -77,30 +81,31 @@ def make_inputs(B=1, T=32, H=1, HV=2, K=32, V=32, per_channel=False, gate="unifo
     }[gate]
     beta = torch.rand(B, T, HV, generator=gen)
     N = B if lengths is None else len(lengths)
-    state_shape = (N, HV, K, V) if layout == "kv" else (N, HV, V, K)
     cu = None
     if lengths is not None:
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v, g, beta = (x.to(DEVICE, dtype) for x in (q, k, v, g, beta))
     return dict(
         q=q, k=k, v=v, g=g, beta=beta, scale=K**-0.5,
-        initial_state=randn(*state_shape) if init else None,
+        initial_state=randn(*state_shape(N, HV, K, V, layout)).to(DEVICE) if init else None,
         cu_seqlens=cu, use_qk_l2norm_in_kernel=l2norm, state_layout=layout,
     )
 
 
 def reference(args: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v, g, beta = (args[n].double() for n in ("q", "k", "v", "g", "beta"))
-    init = args["initial_state"]
+    """The float64 reference on the CPU (token by token: a GPU would only add launches)."""
+    q, k, v, g, beta = (args[n].cpu().double() for n in ("q", "k", "v", "g", "beta"))
+    init, cu = args["initial_state"], args["cu_seqlens"]
     return gated_delta_rule(
         q, k, v, g, beta, scale=args["scale"],
-        initial_state=None if init is None else init.double(), output_final_state=True,
-        cu_seqlens=args["cu_seqlens"], use_qk_l2norm_in_kernel=args["use_qk_l2norm_in_kernel"],
+        initial_state=None if init is None else init.cpu().double(), output_final_state=True,
+        cu_seqlens=None if cu is None else cu.cpu(), use_qk_l2norm_in_kernel=args["use_qk_l2norm_in_kernel"],
         state_layout=args["state_layout"],
     )
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.cpu(), ref.cpu()
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
@@ -199,26 +204,38 @@ def test_chunk_size_is_checked():
 
 
 def test_chunk_table_skips_empty_sequences():
-    cu = torch.tensor([0, 0, 70, 70, 71, 200])
+    cu = torch.tensor([0, 0, 70, 70, 71, 200], device=DEVICE)
     plan = ChunkPlan.build(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
     assert plan.num_slots == 200 // 64 + 5
     assert plan.chunk_offsets.tolist() == [0, 0, 2, 2, 3, 6]
     table = plan.chunk_indices.tolist()
     assert table[:6] == [[1, 0], [1, 1], [3, 0], [4, 0], [4, 1], [4, 2]]
     for seq, chunk in table[6:]:  # spare slots start past the end of the last sequence
-        assert seq == 4 and cu[4] + chunk * 64 >= cu[5]
+        assert seq == 4 and int(cu[4]) + chunk * 64 >= int(cu[5])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gpu_real_size_matches_torch_path(per_channel, varlen):
     lengths = (1, 1000, 63, 3032) if varlen else None
     args = make_inputs(T=4096, H=16, HV=32, K=128, V=128, per_channel=per_channel, init=True,
                        lengths=lengths, dtype=torch.bfloat16)
-    args = {n: (x.cuda() if isinstance(x, torch.Tensor) else x) for n, x in args.items()}
     o, final = chunk_gated_delta_rule(**args)
     ref_o, ref_final = torch_chunk.chunk_gated_delta_rule(**args)
     tol_o, tol_s = GPU_TOLERANCES[torch.bfloat16]
     assert rel_err(o, ref_o) <= tol_o
     assert rel_err(final, ref_final) <= tol_s
+
+
+def test_chunk_plan_is_built_once_per_cu_seqlens():
+    """Every layer of a forward passes the same cu_seqlens: one plan (8 small kernels) serves
+    them all; another tensor, or the same one changed in place, gets a new plan."""
+    cu = torch.tensor([0, 3, 70, 200], device=DEVICE)
+    plan = ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
+    assert ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64) is plan
+    assert ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=32) is not plan
+    assert ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu.clone(), chunk_size=64) is not plan
+    cu[1] = 10
+    fresh = ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
+    assert fresh is not plan and fresh.chunk_offsets.tolist() == [0, 1, 2, 5]  # 10, 60, 130 tokens

@@ -15,6 +15,7 @@ from hypothesis import example, given, strategies as st
 import graphdelta.ops as ops
 from graphdelta import reference
 from graphdelta.lowering import triton_recurrent
+from graphdelta.lowering.contract import state_shape
 
 from pool_checks import assert_replay_matches_eager
 
@@ -68,8 +69,7 @@ def make_inputs(B, T, H, HV, K, V, dtype, gate, gate_kind, l2norm, seed):
 
 
 def random_state(n, HV, K, V, layout, gen) -> torch.Tensor:
-    shape = (n, HV, K, V) if layout == "kv" else (n, HV, V, K)
-    return (0.5 * torch.randn(shape, generator=gen)).to(DEVICE)
+    return (0.5 * torch.randn(state_shape(n, HV, K, V, layout), generator=gen)).to(DEVICE)
 
 
 def run_reference(q, k, v, g, beta, scale, h0, cu_seqlens, l2norm, layout):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphdelta import lowering, ops
+from graphdelta import lowering, ops  # noqa: F401 (ops registers torch.ops.graphdelta)
 from graphdelta.lowering import torch_conv, torch_recurrent
 from graphdelta.runtime.cache import HybridCache, LinearAux
 
@@ -242,19 +242,17 @@ class LinearAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, batch: Batch, aux: list, writes: Writes) -> Tensor:
-        """Steps call the ``torch.ops.graphdelta`` ops, which do not check their inputs: the
-        runner validated its slot lists on the host (``checks.check_slot_values``), and a
-        check of the index tensors would wait for the GPU at every step."""
+        """Calls the ``torch.ops.graphdelta`` ops, which do not check their inputs: the runner
+        validated its slot lists and built ``cu_seqlens`` on the host, and a check of the index
+        tensors would wait for the GPU in every layer."""
         B, T = x.shape[:2]
         conv_pool, state_pool = self.cache.conv[self.index], self.cache.state[self.index]
         layout = self.cache.state_layout
         mixed, g, beta, gate = self.project(x)
         weight, bias = self.m.conv1d.weight.squeeze(1), self.m.conv1d.bias  # [conv_dim, W], [conv_dim]
         if batch.packed:
-            mixed, conv_final = ops.causal_conv1d(
-                mixed, weight, bias, initial_state=conv_pool[batch.slots], output_final_state=True,
-                cu_seqlens=batch.cu_seqlens, activation=self.activation,
-            )
+            mixed, conv_final = torch.ops.graphdelta.causal_conv1d(
+                mixed, weight, bias, conv_pool[batch.slots], batch.cu_seqlens, self.activation)
             writes.add(conv_pool, batch.slots, conv_final)
         else:
             plain = lowering.backend_for(mixed) == "torch"
@@ -274,10 +272,8 @@ class LinearAttention(nn.Module):
         q, k = q.reshape(B, T, -1, self.k_dim), k.reshape(B, T, -1, self.k_dim)
         v = v.reshape(B, T, -1, self.v_dim)
         if batch.packed:
-            o, final = ops.chunk_gated_delta_rule(
-                q, k, v, g, beta, initial_state=state_pool[batch.slots], output_final_state=True,
-                cu_seqlens=batch.cu_seqlens, use_qk_l2norm_in_kernel=True, state_layout=layout,
-            )
+            o, final = torch.ops.graphdelta.chunk_gated_delta_rule(
+                q, k, v, g, beta, self.k_dim ** -0.5, state_pool[batch.slots], batch.cu_seqlens, True, layout)
             writes.add(state_pool, batch.slots, final)
         else:
             if plain:
@@ -389,15 +385,37 @@ def experts_configs(model: nn.Module) -> list[Any]:
     return list(configs.values())
 
 
+def experts_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """The MoE dispatch of a static step (CUDA graph or compiled) on ``device`` in ``dtype``:
+    one with no data-dependent shapes and no host sync.
+
+    - ``grouped_mm`` on Hopper or newer in bf16, where this transformers has it and torch's
+      native grouped GEMM runs it (its offsets come from a histogram on the device, and it
+      reads each selected expert's weights in place);
+    - ``batched_mm`` elsewhere: it copies the selected experts' weights for every token, but
+      inductor compiles it whole (on CPU, compiled steps of tiny Qwen3-Next at batch 1: 1.46 ms
+      against 3.7 ms with ``grouped_mm``, whose sort, histc and fallback op stay outside
+      inductor's kernels), and off Hopper's bf16 ``grouped_mm`` falls back to a loop with a
+      host sync, which no CUDA graph can hold.
+    ``tools/gpu_replay.py`` measures both on a GPU."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < (9, 0):
+        return "batched_mm"
+    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return "batched_mm"
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return "batched_mm"
+    return "grouped_mm" if "grouped_mm" in ALL_EXPERTS_FUNCTIONS else "batched_mm"
+
+
 @contextlib.contextmanager
-def static_experts(configs: list[Any]) -> Iterator[None]:
-    """Run transformers' MoE experts with ``batched_mm``: no data-dependent shapes or host syncs,
-    so a step can be captured in a CUDA graph or compiled whole by inductor (on CPU, compiled
-    steps of tiny Qwen3-Next at batch 1: 1.46 ms against 3.7 ms with ``grouped_mm``, whose sort,
-    histc and fallback op stay outside inductor's kernels). Only for captured or compiled
-    steps: eagerly, ``grouped_mm`` is 5x faster at batch 16 (tiny MoE block: 0.96 ms against
-    4.8 ms) and 2x faster at batch 1 on the mid-size benchmark model (batched_mm copies the
-    experts).
+def static_experts(configs: list[Any], implementation: str = "batched_mm") -> Iterator[None]:
+    """Run transformers' MoE experts with ``implementation`` (``experts_implementation``'s
+    choice) for a step that is captured in a CUDA graph or compiled whole by inductor. Only for
+    those: eagerly, the model's own dispatch stays (on CPU ``grouped_mm`` is 5x faster than
+    ``batched_mm`` at batch 16, tiny MoE block: 0.96 ms against 4.8 ms, and 2x faster at batch 1
+    on the mid-size benchmark model).
 
     transformers reads the implementation from the model's config at call time and has no
     argument for it, so the config is switched and restored, under one lock: steps of
@@ -408,7 +426,7 @@ def static_experts(configs: list[Any]) -> Iterator[None]:
         saved = [c._experts_implementation for c in configs]
         try:
             for c in configs:
-                c._experts_implementation = "batched_mm"
+                c._experts_implementation = implementation
             yield
         finally:
             for c, impl in zip(configs, saved):

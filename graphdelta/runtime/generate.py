@@ -24,9 +24,10 @@ _runners: "weakref.WeakKeyDictionary[torch.nn.Module, Runner]" = weakref.WeakKey
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> Tensor:
-    """Next tokens ``[B]`` from logits ``[B, V]``: greedy when ``temperature == 0``, else sampled
-    from the softmax at ``temperature`` restricted to the ``top_k`` most likely tokens and to the
-    smallest set whose probability reaches ``top_p``."""
+    """Next tokens ``[B]`` from logits ``[B, V]``, on the logits' device: greedy when
+    ``temperature == 0``, else sampled from the softmax at ``temperature`` restricted to the
+    ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``.
+    ``generator`` must live on the logits' device (nothing of size V goes to the host)."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -40,8 +41,10 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    if generator is not None and generator.device != logits.device:
+        raise ValueError(f"the generator is on {generator.device}, the logits on {logits.device}: "
+                         f"make it with torch.Generator(device={str(logits.device)!r})")
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -109,7 +112,7 @@ def generate(
         stream: called as ``stream(prompt_index, token)`` for every new token, as it comes.
         max_batch: sequences decoded together (the cache has this many slots).
         max_len: cache length per sequence; defaults to the longest prompt + max_new_tokens.
-        seed: seeds the sampler.
+        seed: seeds the sampler (on the model's device: a seed gives other tokens on a GPU).
         runner: run on this ``Runner`` (and its cache) instead of the shared one.
         compile_steps: compile each batch-size bucket's decode step with inductor on first use
             (seconds per bucket; on CPU a tiny model's step then runs ~6x faster than
@@ -147,7 +150,7 @@ def generate(
         token_ids(t, f"prompt {i}", runner.vocab)
     limit = min(max_batch, runner.max_batch)  # sequences in flight
     eos = _eos_ids(runner.model, eos_token_id)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=runner.device).manual_seed(seed) if seed is not None else None
     queue = collections.deque(enumerate(prompts))
     active: dict[int, tuple[int, int]] = {}  # slot -> (prompt index, last token)
     owned: set[int] = set()  # slots this call allocated and has not freed yet

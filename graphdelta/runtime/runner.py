@@ -4,10 +4,13 @@
 - ``prefill(slots, pieces)``: the next piece of each sequence's prompt, packed varlen in one
   forward; a piece continues from whatever the slot holds (chunked prefill).
 - ``decode(slots, tokens)``: one token per sequence, through a static-shape step per batch-size
-  bucket (1, 2, 4, ... max_batch); rows past the batch point at slot -1 and change nothing.
-  On CUDA each bucket's step is captured once as a CUDA graph over the fixed cache buffers and
-  replayed; slots are inputs, so sequences joining and leaving never force a re-capture. On
-  CPU the same step runs eagerly.
+  bucket (1, 2, 4, ... max_batch) and attention-window bucket (64, 128, 256, ... max_len: the
+  longest live sequence, rounded up); rows past the batch point at slot -1 and change
+  nothing. On CUDA each (batch, window) bucket's step is captured once as a CUDA graph over the
+  fixed cache buffers and replayed; slots are inputs, so sequences joining and leaving never
+  force a re-capture, and attention reads only the positions its bucket can hold (a 32k cache
+  holding 300-token sequences reads 512 positions a step, not 32k). On CPU the same step runs
+  eagerly, its window rounded up to a multiple of 64.
 - ``verify(slots, tokens)`` then ``accept(counts)``: run k + 1 tokens per sequence keeping the
   state after each, then roll every sequence back to its last accepted token (the cache's
   ``accept``).
@@ -21,12 +24,16 @@ replay) or fails while applying the writes, its slots are marked failed instead:
 raises ``SlotFailedError`` until the slot is restored from a snapshot, truncated to 0 or freed.
 Neither costs a copy: a few dictionary operations per step (BENCHMARKS.md, "atomic steps").
 
-Slot lists are validated on the host once per call (``checks.check_slot_values``, the check
-the decode and conv-update ops share), and the steps then call the ops' unchecked
-``torch.ops.graphdelta`` entries: checking index tensors would wait for a GPU at every step.
+No step waits for the GPU. Slot lists and prompt lengths are validated on the host once per
+call (``checks.check_slot_values``, the check the decode and conv-update ops share), and the
+forward calls the ops' unchecked ``torch.ops.graphdelta`` entries: checking index tensors (or
+``cu_seqlens``) would wait for a GPU in every layer. Everything a call sends to the device
+(tokens, slots, positions, sequence offsets) is assembled on the host and goes in one copy
+from pinned memory that does not block (``to_device``).
 """
 from __future__ import annotations
 
+import itertools
 from collections import abc
 from typing import Any, Callable, Sequence
 
@@ -35,10 +42,10 @@ from torch import Tensor, nn
 
 from graphdelta import checks
 from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, PendingVerify
-from graphdelta.runtime.forward import Batch, HybridForward, Writes, static_experts
+from graphdelta.runtime.forward import Batch, HybridForward, Writes, experts_implementation, static_experts
 from graphdelta.runtime.layers import ModelSpec
 
-WINDOW_BLOCK = 64  # CPU steps read the cache up to the longest sequence, rounded up to this
+WINDOW_BLOCK = 64  # attention windows: multiples of this (eager), or it times powers of 2 (static)
 
 
 def unwrap(model: Any) -> nn.Module:
@@ -79,33 +86,46 @@ def token_ids(tokens: Any, what: str, vocab: int | None = None) -> Tensor:
     return t
 
 
-def buckets(max_batch: int) -> list[int]:
-    """Batch sizes with a step of their own: powers of two up to ``max_batch`` (and it)."""
-    out, b = [], 1
-    while b < max_batch:
+def buckets(largest: int, smallest: int = 1) -> list[int]:
+    """Sizes with a step of their own: ``smallest`` times powers of two below ``largest``, then
+    ``largest`` (batch sizes from 1; attention windows from ``WINDOW_BLOCK``)."""
+    out, b = [], smallest
+    while b < largest:
         out.append(b)
         b *= 2
-    return out + [max_batch]
+    return out + [largest]
+
+
+def to_device(parts: Sequence[Sequence[int] | Tensor], device: torch.device) -> list[Tensor]:
+    """Host int lists or int64 CPU tensors -> int64 tensors on ``device``, in one copy: from
+    pinned memory and non-blocking on CUDA, so the host goes on queueing the step's kernels
+    (the caching host allocator keeps the pinned block until the copy has run)."""
+    flat = [p.reshape(-1) if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.long) for p in parts]
+    sizes = [t.numel() for t in flat]
+    host = torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return list(host.to(device, non_blocking=True).split(sizes))
 
 
 class _Graph:
-    """One bucket's step captured as a CUDA graph over static inputs."""
+    """One (batch, width, window) bucket's step captured as a CUDA graph over static inputs."""
 
-    def __init__(self, runner: "Runner", bucket: int, width: int, keep: bool):
+    def __init__(self, runner: "Runner", bucket: int, width: int, keep: bool, window: int):
         dev = runner.device
         self.tokens = torch.zeros(bucket, width, dtype=torch.long, device=dev)
         self.slots = torch.full((bucket,), -1, dtype=torch.long, device=dev)
         self.starts = torch.zeros(bucket, dtype=torch.long, device=dev)
-        window = runner.cache.max_len
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (Triton compiles) with padded rows only
-            for _ in range(2):
-                runner._run(self.tokens, self.slots, self.starts, window, keep)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
-            self.logits, self.aux = runner._run(self.tokens, self.slots, self.starts, window, keep)
+        with torch.cuda.device(dev):  # streams and the capture on the model's GPU, not cuda:0
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up (Triton compiles) with padded rows only
+                for _ in range(2):
+                    runner._run(self.tokens, self.slots, self.starts, window, keep)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=runner._graph_pool):
+                self.logits, self.aux = runner._run(self.tokens, self.slots, self.starts, window, keep)
 
     def __call__(self, tokens: Tensor, slots: Tensor, starts: Tensor) -> tuple[Tensor, list[LinearAux]]:
         self.tokens.copy_(tokens)
@@ -146,11 +166,13 @@ class Runner:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on CUDA, got {self.device}")
-        self._graphs: dict[tuple[int, int, bool], _Graph] = {}
+        self.windows = buckets(self.cache.max_len, min(WINDOW_BLOCK, self.cache.max_len))
+        self._graphs: dict[tuple[int, int, bool, int], _Graph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        # torch.compile of the step (inductor), one compilation per bucket; the window is then
-        # fixed at max_len like under CUDA graphs, so the shapes never change within a bucket.
+        # torch.compile of the step (inductor), one compilation per (batch, window) bucket, as
+        # under CUDA graphs: the shapes never change within a bucket.
         self.compile_steps = compile_steps
+        self.experts = experts_implementation(self.device, param.dtype)  # MoE dispatch of static steps
         # A tiny step's time is mostly the Python around its kernels: on CPU, inductor's C++
         # wrapper calls them from one C++ function (tiny Qwen3-Next, batch 1: 0.73 ms against
         # 0.99 ms per step, best of 120).
@@ -207,20 +229,21 @@ class Runner:
             if n == 0:
                 raise ValueError(f"prefill got an empty piece for slot {slot}")
             self.cache.check_room(slot, n)
-        dev = self.device
         starts = [self.cache.lengths[s] for s in slots]
-        lengths_t = torch.tensor(lengths, device=dev)
-        cu = torch.zeros(len(slots) + 1, dtype=torch.long, device=dev)
-        cu[1:] = lengths_t.cumsum(0)
-        rows = torch.repeat_interleave(torch.arange(len(slots), device=dev), lengths_t)
+        # The packed batch's index tensors, built on the host (their values are known there:
+        # nothing waits for the device) and sent with the tokens in one copy.
+        total = sum(lengths)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)])
+        rows = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(lengths), output_size=total)
+        tokens, slots_d, starts_d, cu_d, rows_d, cols_d = to_device(
+            [torch.cat([p.cpu() for p in pieces]), slots, starts, cu, rows, torch.arange(total) - cu[rows]],
+            self.device)
         batch = Batch(
-            slots=torch.tensor(list(slots), dtype=torch.long, device=dev),
-            starts=torch.tensor(starts, dtype=torch.long, device=dev),
-            width=max(lengths),
-            window=self._window(max(s + n for s, n in zip(starts, lengths))),
-            cu_seqlens=cu, rows=rows, cols=torch.arange(int(cu[-1]), device=dev) - cu[rows],
+            slots=slots_d, starts=starts_d, width=max(lengths),
+            window=self._window(max(s + n for s, n in zip(starts, lengths)), packed=True),
+            cu_seqlens=cu_d, rows=rows_d, cols=cols_d,
         )
-        tokens = torch.cat(pieces).to(dev)[None]
+        tokens = tokens[None]
         writes = Writes()
         return self._atomic(slots, lengths, "prefill", writes,
                             lambda: self.forward(tokens, batch, last_only=True, writes=writes))
@@ -256,9 +279,12 @@ class Runner:
         slots (``HybridCache.accept``)."""
         self.cache.accept(counts)
 
-    def _window(self, longest: int) -> int:
-        if self.cuda_graphs or self.compile_steps:
-            return self.cache.max_len
+    def _window(self, longest: int, packed: bool = False) -> int:
+        """The cached positions attention reads when the longest sequence of a call ends at
+        ``longest``: a window bucket for static steps (CUDA graphs, compiled steps), which
+        need few distinct shapes; else the next multiple of ``WINDOW_BLOCK``."""
+        if (self.cuda_graphs or self.compile_steps) and not packed:
+            return next(w for w in self.windows if w >= longest)
         return min(self.cache.max_len, -(-longest // WINDOW_BLOCK) * WINDOW_BLOCK)
 
     def bucket(self, batch: int) -> int:
@@ -272,17 +298,22 @@ class Runner:
         for slot in slots:
             self.cache.check_room(slot, T)
         size = self.bucket(B)
-        dev = self.device
         starts = [self.cache.lengths[s] for s in slots]
-        tokens_p = torch.zeros(size, T, dtype=torch.long, device=dev)
-        tokens_p[:B] = tokens.to(dev)
-        slots_p = torch.full((size,), -1, dtype=torch.long, device=dev)
-        slots_p[:B] = torch.tensor(slots, dtype=torch.long, device=dev)
-        starts_p = torch.zeros(size, dtype=torch.long, device=dev)
-        starts_p[:B] = torch.tensor(starts, dtype=torch.long, device=dev)
-        key = (size, T, keep)
+        window = self._window(max(starts) + T)
+        pad = size - B
+        # Padded rows: slot -1, position 0, token 0. Host-side tokens travel with the slots.
+        parts: list = [slots + [-1] * pad, starts + [0] * pad]
+        on_host = tokens.device.type == "cpu"
+        if on_host:
+            parts.append(torch.cat([tokens, tokens.new_zeros(pad, T)]))
+        slots_p, starts_p, *rest = to_device(parts, self.device)
+        if on_host:
+            tokens_p = rest[0].view(size, T)
+        else:  # already on the device (sampled there): padded on the device
+            tokens_p = torch.cat([tokens.to(self.device), tokens.new_zeros(pad, T, device=self.device)])
+        key = (size, T, keep, window)
         if self.cuda_graphs and key not in self._graphs:  # captured on padded rows, outside the step
-            self._graphs[key] = _Graph(self, size, T, keep)
+            self._graphs[key] = _Graph(self, size, T, keep, window)
         eager = not (self.cuda_graphs or self.compile_steps)
         writes = Writes() if eager and self.forward.stages_writes(packed=False) else None
 
@@ -290,7 +321,7 @@ class Runner:
             if self.cuda_graphs:
                 logits, aux = self._graphs[key](tokens_p, slots_p, starts_p)
                 return logits[:B].clone(), aux  # inside: a failed copy must not commit the step
-            logits, aux = self._run(tokens_p, slots_p, starts_p, self._window(max(starts) + T), keep, writes)
+            logits, aux = self._run(tokens_p, slots_p, starts_p, window, keep, writes)
             return logits[:B], aux
 
         return self._atomic(slots, [T] * B, "verify" if keep else "decode", writes, run)
@@ -303,6 +334,6 @@ class Runner:
         if not (self.cuda_graphs or self.compile_steps):
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
-        with static_experts(self.forward.experts_configs):
+        with static_experts(self.forward.experts_configs, self.experts):
             logits = self._forward(tokens, batch, aux)
         return logits, aux
