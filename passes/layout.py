@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from graphdelta.lowering.contract import state_shape
+
 from .plan import Plan
 
 MARGIN = 0.20
@@ -35,7 +37,7 @@ def _decode_inputs(shape: tuple[int, int, int, int, int], per_channel: bool, bat
     v = torch.randn(batch, 1, HV, V, device=device, generator=gen)
     g = -torch.rand((batch, 1, HV, K) if per_channel else (batch, 1, HV), device=device, generator=gen)
     beta = torch.rand(batch, 1, HV, device=device, generator=gen)
-    pool = torch.zeros((batch, HV, K, V) if layout == "kv" else (batch, HV, V, K), device=device)
+    pool = torch.zeros(state_shape(batch, HV, K, V, layout), device=device)
     slots = torch.arange(batch, device=device)
     return q, k, v, g, beta, pool, slots, K**-0.5, True, layout
 
