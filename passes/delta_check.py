@@ -24,6 +24,8 @@ the op gives the rule's finite answer there, which is the only change fusing mak
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 from typing import Any, Callable
 
@@ -144,15 +146,49 @@ def draw(template: Call, roles: Roles, T: int, case: str, seed: int) -> dict[str
     return args
 
 
+def _fingerprint(x: torch.Tensor) -> tuple:
+    """A tensor by dtype, shape and a digest of its values (the same values, the same key)."""
+    data = x.detach().cpu().contiguous()
+    return x.dtype, tuple(x.shape), hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+
+
+@functools.lru_cache(maxsize=256)
+def _reference_of(key: tuple, *tensors: _Keyed) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, g, beta, state = (t.value if t is not None else None for t in tensors)
+    l2norm, layout = key
+    return reference.gated_delta_rule(q.double(), k.double(), v.double(), g.double(), beta.double(),
+                                      initial_state=state.double() if state is not None else None,
+                                      output_final_state=True, use_qk_l2norm_in_kernel=l2norm,
+                                      state_layout=layout)
+
+
 def _reference(args: dict[str, Any], roles: Roles, l2norm: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rule on ``args`` (the function's layouts), output and final state in those layouts too."""
+    """The rule on ``args`` (the function's layouts), output and final state in those layouts too.
+
+    Results are kept per input values (a digest of each tensor, which the cache's key compares):
+    the draws depend only on shapes, dtypes and seeds, so every compile of a model with the same
+    dimensions asks for the same references, and the float64 token loop is the check's main cost.
+    """
     state = args.get(roles.state) if roles.state is not None else None
-    o, final = reference.gated_delta_rule(
-        *(roles.to_function(args[n]).double() for n in roles.tensors()),
-        initial_state=state.double() if isinstance(state, torch.Tensor) else None,
-        output_final_state=True, use_qk_l2norm_in_kernel=l2norm, state_layout=layout,
-    )
+    tensors = [_Keyed(roles.to_function(args[n]).cpu()) for n in roles.tensors()]
+    tensors.append(_Keyed(state.cpu()) if isinstance(state, torch.Tensor) else None)
+    o, final = _reference_of((l2norm, layout), *tensors)
     return roles.to_function(o), final
+
+
+class _Keyed:
+    """A tensor that hashes and compares by its fingerprint (for ``functools.lru_cache``)."""
+
+    __slots__ = ("value", "key")
+
+    def __init__(self, value: torch.Tensor):
+        self.value, self.key = value, _fingerprint(value)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Keyed) and self.key == other.key
 
 
 def confirm(fn: Callable, template: Call, roles: Roles, check_lengths: list[int]) -> Variant | str:

@@ -203,7 +203,11 @@ def forward_with(layer: Layer, replacements: dict[str, Callable]) -> types.Metho
     scope.__dict__.update(replacements)
     scope.__name__ = name
     sys.modules[name] = scope
-    fn = types.FunctionType(fwd.__code__, scope.__dict__, fwd.__name__, fwd.__defaults__, fwd.__closure__)
+    # A code object of its own: Dynamo caches compiled frames on the code object, and a frame
+    # compiled with one scope installs its compiled function in that scope only, so another
+    # scope sharing the code would call a name it lacks (torch 2.11 guards do not tell them apart).
+    code = fwd.__code__.replace()
+    fn = types.FunctionType(code, scope.__dict__, fwd.__name__, fwd.__defaults__, fwd.__closure__)
     fn.__kwdefaults__ = fwd.__kwdefaults__
     fn.__qualname__ = fwd.__qualname__
     return types.MethodType(fn, layer.module)

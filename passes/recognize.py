@@ -67,6 +67,22 @@ def plain_arguments(bound: dict[str, Any], reads_extras: bool = True) -> str | N
     return None
 
 
+_KINDS = ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (torch.dtype, "dtype"),
+          (torch.device, "device"), (tuple, "tuple"))
+
+
+def _kind(value: Any) -> str:
+    """The type of a plain value, by name (1, 1.0 and True are equal keys otherwise), written
+    with isinstance: torch 2.11's Dynamo cannot hash ``type(value).__name__`` and breaks the
+    graph of every replacement at its variant lookup."""
+    if value is None:
+        return "None"
+    for kind, name in _KINDS:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
 def variant_key(bound: dict[str, Any], skip: tuple[str, ...], reads_extras: bool = True) -> tuple:
     """The non-tensor part of a call: parameters not in ``skip`` by value, tensors as a marker.
 
@@ -82,7 +98,7 @@ def variant_key(bound: dict[str, Any], skip: tuple[str, ...], reads_extras: bool
         if isinstance(value, torch.Tensor):
             key.append((name, TENSOR))
         elif reads_extras or not name.startswith("**"):
-            key.append((name, type(value).__name__, value))
+            key.append((name, _kind(value), value))
     return tuple(key)
 
 

@@ -11,10 +11,9 @@
 - the output norm gated by a sigmoid *before* normalizing, with ``** -0.5`` instead of rsqrt.
 
 ``dispatched_chunks`` and ``dispatched_tap_mix`` hide the same functions behind opaque kernel
-calls, as transformers does when fla and causal-conv1d are installed. And two look-alikes that
-must *not* be replaced: ``leaky_chunks`` returns an intermediate (the solved triangular system)
-that the layer reuses, and ``undecayed_chunks`` ignores the gate; the ``loose_norm`` mixer adds
-its norm's eps after the root instead of before it.
+calls, as transformers does when fla and causal-conv1d are installed. And look-alikes that
+must *not* be replaced: ``undecayed_chunks`` ignores the gate, and the ``loose_norm`` mixer adds
+its norm's eps after the root instead of before it (``tests/lookalikes.py`` holds the rest).
 """
 from __future__ import annotations
 
@@ -91,14 +90,6 @@ def delta_chunks(r, w, u, log_a, lr, carry=None):
     out, state = _scan(r, w, acc, inner, system, carry, u.shape[-1], n)
     b, hv = out.shape[:2]
     return out.reshape(b, hv, -1, u.shape[-1]).transpose(1, 2)[:, :t].to(u.dtype), state
-
-
-def leaky_chunks(r, w, u, log_a, lr, carry=None):
-    """``delta_chunks`` that also hands back its solved system, which the caller reuses."""
-    r2, w2, acc, inner, system, t, n = _chunk_terms(r, w, u, log_a, lr)
-    out, state = _scan(r2, w2, acc, inner, system, carry, u.shape[-1], n)
-    b, hv = out.shape[:2]
-    return out.reshape(b, hv, -1, u.shape[-1]).transpose(1, 2)[:, :t].to(u.dtype), state, system
 
 
 def undecayed_chunks(r, w, u, log_a, lr, carry=None):
@@ -200,12 +191,8 @@ class Mixer(nn.Module):
         log_a = -F.softplus(self.gate_proj(x)).reshape(b, t, self.hv, self.d) * 0.3
         lr = torch.sigmoid(self.rate_proj(x))
         carry = memory.get("state") if memory is not None else None
-        extra = 0.0
         if carry is not None and t == 1:
             out, state = delta_tokens(r, w, u, log_a, lr, carry)
-        elif self.kernel == "leaky":
-            out, state, system = leaky_chunks(r, w, u, log_a, lr, carry)
-            extra = system.mean()
         elif self.kernel == "dispatched":
             out, state = dispatched_chunks(r, w, u, log_a, lr, carry)
         elif self.kernel == "undecayed":
@@ -215,7 +202,7 @@ class Mixer(nn.Module):
         if memory is not None:
             memory["state"] = state
         out = self.out_norm(out, self.out_gate(x).reshape(b, t, self.hv, self.d))
-        return self.proj_out(out.reshape(b, t, -1)) + extra
+        return self.proj_out(out.reshape(b, t, -1))
 
 
 class TinyDeltaLM(nn.Module):
