@@ -100,8 +100,13 @@ class ChunkPlan:
         back unchanged: every linear layer of a forward passes the one its runner built, and a
         plan costs about 8 small kernels (fla's ``tensor_cache`` does the same)."""
         global _last_plan
-        if cu_seqlens is None:
-            return ChunkPlan.build(batch, total, None, chunk_size)
+        # Built afresh: without cu_seqlens; for an inference tensor, which has no version
+        # counter to tell a refill; and while a CUDA graph is captured, whose replays must run
+        # the plan's kernels on the buffer's values of the day (a cached plan would be frozen
+        # into the graph, and freed under it once another call replaced it).
+        if (cu_seqlens is None or cu_seqlens.is_inference()
+                or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return ChunkPlan.build(batch, total, cu_seqlens, chunk_size)
         key = (cu_seqlens._version, batch, total, chunk_size)
         last = _last_plan
         if last is not None and last[0]() is cu_seqlens and last[1] == key:

@@ -239,3 +239,13 @@ def test_chunk_plan_is_built_once_per_cu_seqlens():
     cu[1] = 10
     fresh = ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
     assert fresh is not plan and fresh.chunk_offsets.tolist() == [0, 1, 2, 5]  # 10, 60, 130 tokens
+
+
+def test_chunk_plan_of_an_inference_tensor_is_built_each_call():
+    """An inference-mode cu_seqlens has no version counter to tell a refill: no cache, no crash."""
+    with torch.inference_mode():
+        cu = torch.tensor([0, 3, 70, 200], device=DEVICE)
+        plan = ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
+        cu[1] = 10
+        fresh = ChunkPlan.for_call(batch=1, total=200, cu_seqlens=cu, chunk_size=64)
+    assert fresh is not plan and fresh.chunk_offsets.tolist() == [0, 1, 2, 5]

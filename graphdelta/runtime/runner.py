@@ -334,6 +334,10 @@ class Runner:
         if not (self.cuda_graphs or self.compile_steps):
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
-        with static_experts(self.forward.experts_configs, self.experts):
+        # Each (batch bucket, window bucket, T) is a compilation of the same frames: Dynamo's
+        # default limit (8 per code object) would quietly send the rest to eager.
+        from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
+        with static_experts(self.forward.experts_configs, self.experts), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             logits = self._forward(tokens, batch, aux)
         return logits, aux
