@@ -119,12 +119,20 @@ configs_step() {
   local n args=""
   if [ "$DRY" = 1 ]; then n=2; args="--device cpu --tiny"; else n=$(( $(nproc) > 16 ? 14 : $(nproc) - 2 )); fi
   [ "$n" -lt 1 ] && n=1
+  local pids=() failed=0
   for i in $(seq 0 $((n - 1))); do
     $PY "$REPO/tools/gpu_configs.py" $args --shard "$i/$n" --out "$WORK/configs/shard-$i.jsonl" \
       > "$WORK/configs/shard-$i.log" 2>&1 &
+    pids+=($!)
   done
-  wait  # (timeout signals the whole process group: the shards stop with it)
-  echo "$n shards done; the table follows"
+  for i in "${!pids[@]}"; do  # (timeout signals the whole process group: the shards stop with it)
+    if ! wait "${pids[$i]}"; then
+      failed=$((failed + 1))
+      echo "shard $i failed; its log ends:"; tail -n 5 "$WORK/configs/shard-$i.log"
+    fi
+  done
+  echo "$n shards done, $failed failed; the table follows"
+  [ "$failed" -eq 0 ]
 }
 
 tests_step() {
