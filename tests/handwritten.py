@@ -11,9 +11,9 @@
 - the output norm gated by a sigmoid *before* normalizing, with ``** -0.5`` instead of rsqrt.
 
 ``dispatched_chunks`` and ``dispatched_tap_mix`` hide the same functions behind opaque kernel
-calls, as transformers does when fla and causal-conv1d are installed. And look-alikes that
-must *not* be replaced: ``undecayed_chunks`` ignores the gate, and the ``loose_norm`` mixer adds
-its norm's eps after the root instead of before it (``tests/lookalikes.py`` holds the rest).
+calls, as transformers does when fla and causal-conv1d are installed. And a look-alike that
+must *not* be replaced: the ``loose_norm`` mixer adds its norm's eps after the root instead of
+before it (``tests/lookalikes.py`` holds the gated-delta look-alikes).
 """
 from __future__ import annotations
 
@@ -90,11 +90,6 @@ def delta_chunks(r, w, u, log_a, lr, carry=None):
     out, state = _scan(r, w, acc, inner, system, carry, u.shape[-1], n)
     b, hv = out.shape[:2]
     return out.reshape(b, hv, -1, u.shape[-1]).transpose(1, 2)[:, :t].to(u.dtype), state
-
-
-def undecayed_chunks(r, w, u, log_a, lr, carry=None):
-    """Looks like ``delta_chunks`` but drops the gate: not the gated delta rule."""
-    return delta_chunks(r, w, u, torch.zeros_like(log_a), lr, carry)
 
 
 def kernel_dispatch(reference_fn):
@@ -195,8 +190,6 @@ class Mixer(nn.Module):
             out, state = delta_tokens(r, w, u, log_a, lr, carry)
         elif self.kernel == "dispatched":
             out, state = dispatched_chunks(r, w, u, log_a, lr, carry)
-        elif self.kernel == "undecayed":
-            out, state = undecayed_chunks(r, w, u, log_a, lr, carry)
         else:
             out, state = delta_chunks(r, w, u, log_a, lr, carry)
         if memory is not None:

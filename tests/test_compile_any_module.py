@@ -148,3 +148,5 @@ def test_recognition_is_per_call_site():
     assert rel_err(compiled(x, 3.0), model(x, 3.0)) < RTOL  # never confirmed: runs as written
     report = graphdelta.explain(compiled)
     assert "a call with arguments never confirmed ran as written" in report and "3.0" in report
+    # explain lists the kept chain's operations left in the first call's graph (layer b's)
+    assert compiled.graph_log.graphs[0].leftovers == {"linalg_solve_triangular": 2}  # its two solves

@@ -88,24 +88,6 @@ def test_kernel_dispatcher_is_seen_through():
     check_against_eager(model, compiled, lengths=(40,), cached=False)
 
 
-def test_lookalike_is_kept_and_warned():
-    """A look-alike in a whole model (the zoo, tests/lookalikes.py, holds the other kinds of
-    change, returning an intermediate among them): it looks right but ignores the gate."""
-    kernel, why = "undecayed", "differs from the gated delta rule"
-    model = handwritten.build(kernel)
-    compiled, messages = compile_recording(model)
-    name = f"{kernel}_chunks"
-    # the look-alike sits in the last mixer only; the first one still fuses
-    assert any(f"layer mixers.1: {name} kept as written" in m and why in m for m in messages), messages
-    last = next(lp for lp in compiled.plan.layers if lp.path == "mixers.1")
-    assert name not in {r.callee for r in last.regions}
-    assert any(r.callee == "delta_chunks" for r in compiled.plan.layers[0].regions)
-    # Dynamo unrolls the kept function (31 forward-substitution rows per graph): one length.
-    check_against_eager(model, compiled, lengths=(5,), cached=False)
-    # explain counts the products of the kept chain (and only the linear-attention layers')
-    assert compiled.graph_log.graphs and all(g.matmuls > 0 for g in compiled.graph_log.graphs)
-
-
 def test_lookalike_norm_is_kept_and_warned():
     model = handwritten.build("loose_norm")
     compiled, messages = compile_recording(model)
