@@ -177,7 +177,7 @@ class Runner:
         # wrapper calls them from one C++ function (tiny Qwen3-Next, batch 1: 0.73 ms against
         # 0.99 ms per step, best of 120).
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-        self._forward = torch.compile(self.forward, dynamic=False, options=options) if compile_steps else self.forward
+        self._forward = _compiled_step(self.forward, options) if compile_steps else self.forward
 
     # ------------------------------------------------------------------ sequences
 
@@ -334,10 +334,22 @@ class Runner:
         if not (self.cuda_graphs or self.compile_steps):
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
-        # Each (batch bucket, window bucket, T) is a compilation of the same frames: Dynamo's
-        # default limit (8 per code object) would quietly send the rest to eager.
-        from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
-        with static_experts(self.forward.experts_configs, self.experts), \
-                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with static_experts(self.forward.experts_configs, self.experts):
             logits = self._forward(tokens, batch, aux)
         return logits, aux
+
+
+def _compiled_step(forward: Callable, options: dict | None) -> Callable:
+    """``forward`` under torch.compile. Each (batch bucket, window bucket, T) is a compilation
+    of the same frames: Dynamo's default limit (8 per code object) would quietly send the rest
+    to eager, so calls run under the compiler's limit."""
+    from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
+
+    compiled = torch.compile(forward, dynamic=False, options=options)
+
+    def step(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    return step
+
