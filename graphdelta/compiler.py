@@ -283,7 +283,11 @@ def compile(
             ``Glm5NextForConditionalGeneration``), or any module whose layers call such
             functions.
         state_layout: ``"auto"`` (measured per device), ``"kv"`` or ``"vk"``: the layout of the
-            recurrent state in the kernels and in the cache of every replaced layer.
+            recurrent state in the kernels and in the cache of every replaced layer. A cache
+            passed to the compiled model holds each layer's state in that layout, which can be
+            the transpose of what the model's own code stores (``explain`` lists each layer's
+            layout; ``plan.layers[i].flipped`` marks those): with transformers' models, pass ``"kv"``
+            (their own) to read states out of the cache as the original model writes them.
         dynamic: passed to ``torch.compile``; True gives one graph for all prompt lengths.
         backend: ``"inductor"``, ``"aot_eager"`` or ``"eager"``: what compiles the rewritten graph.
         probe: ``probe(model)`` runs a few eager forward calls that reach every code path to be
