@@ -13,8 +13,11 @@ from typing import Callable
 
 import torch
 
-# GRAPHDELTA_BENCH_RESULTS redirects the outputs (the tests use it to keep results/ as measured).
-RESULTS = Path(os.environ.get("GRAPHDELTA_BENCH_RESULTS", Path(__file__).parent / "results"))
+from graphdelta.cli import default_bench_out  # noqa: E402
+
+# Outputs go to GRAPHDELTA_BENCH_RESULTS (``graphdelta bench --out``), else outside the checkout:
+# benchmarks/results/ holds the measurements BENCHMARKS.md cites, copied there on purpose.
+RESULTS = Path(os.environ.get("GRAPHDELTA_BENCH_RESULTS") or default_bench_out())
 
 
 def synchronizer(device: str) -> Callable[[], None]:
@@ -83,8 +86,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def write_results(name: str, rows: list[dict], columns: list[str], command: str,
                   plot: Callable[[Path], None] | None = None) -> str:
-    """Write ``results/<name>.json``, ``.md`` (and ``.png`` via ``plot``); return the Markdown."""
-    RESULTS.mkdir(exist_ok=True)
+    """Write ``RESULTS/<name>.json``, ``.md`` (and ``.png`` via ``plot``); return the Markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
     env = environment()
     (RESULTS / f"{name}.json").write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=2))
     header = ", ".join(f"{k} {v}" for k, v in env.items())
@@ -98,4 +101,5 @@ def write_results(name: str, rows: list[dict], columns: list[str], command: str,
             plot(RESULTS / f"{name}.png")
         except ImportError:
             print("matplotlib is not installed: no plot written")
+    print(f"wrote {RESULTS / name}.json, .md")
     return md

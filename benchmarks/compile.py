@@ -11,7 +11,7 @@ their completion):
    compile these lengths trigger is not counted);
 3. the largest relative logit error against eager.
 
-Writes ``benchmarks/results/compile_<family>_<config>.json`` and ``.md`` (and ``.png`` with
+Writes ``compile_<family>_<config>.json`` (into ``common.RESULTS``) and ``.md`` (and ``.png`` with
 matplotlib); ``_cuda`` is added to GPU runs' names.
 
     python benchmarks/compile.py --config tiny

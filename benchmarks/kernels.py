@@ -10,8 +10,8 @@ KDA at H=HV=32. Decode: batch 1, 64, 256 over a float32 state pool, in both layo
 the replay of a captured CUDA graph of the unchecked op (a runtime step's cost: no launch gaps,
 no input checks), with the tile sweep at each batch. The roofline (copy bandwidth, bf16 matmul
 on random data) is measured in the same run. GPU timings are CUDA-event medians
-(``triton.testing.do_bench``). Writes results/kernels.{json,md,png} (GRAPHDELTA_BENCH_RESULTS
-moves them).
+(``triton.testing.do_bench``). Writes kernels.{json,md,png} to the results folder
+(``common.RESULTS``, which GRAPHDELTA_BENCH_RESULTS moves).
 """
 from __future__ import annotations
 

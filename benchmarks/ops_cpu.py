@@ -3,7 +3,7 @@
 
     python benchmarks/ops_cpu.py [--lengths 1024 2048 4096] [--repeats 5]
 
-Qwen3-Next shapes: B=1, H=16, HV=32, K=V=128, fp32. Writes results/ops_cpu.{json,md,png}.
+Qwen3-Next shapes: B=1, H=16, HV=32, K=V=128, fp32. Writes ops_cpu.{json,md,png} to the results folder.
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ On a GPU the model runs there (in bf16 by default) and every call is timed to it
 completion. ``--config realistic`` has Qwen3-Next's real layer dimensions (hidden 2048, GDN
 heads of 128, its vocabulary), 8 layers, 64 experts: a GPU configuration.
 
-Writes ``benchmarks/results/prefill_<family>_<config>.json``, ``.md`` and ``.png``.
+Writes ``prefill_<family>_<config>.json``, ``.md`` and ``.png`` to the results folder
+(``common.RESULTS``).
 
     python benchmarks/prefill.py --config tiny
     python benchmarks/prefill.py --config mid --lengths 512 --rounds 5

@@ -21,6 +21,9 @@ from graphdelta.ops import (
 )
 from graphdelta.compiler import compile, explain  # noqa: A004 - graphdelta.compile(model)
 from graphdelta.runtime.generate import generate
+from graphdelta import assets, hf
+
+hf.quiet_kernel_fallbacks()
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,7 @@ __all__ = [
     "compile",
     "explain",
     "generate",
+    "assets",
     "ops",
     "reference",
     "chunk_gated_delta_rule",

@@ -8,12 +8,28 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import runpy
 import sys
 import time
 from pathlib import Path
 
 BENCHMARKS = ("ops_cpu", "kernels", "compile", "prefill", "decode")
+
+
+def version() -> str:
+    """graphdelta's version and those of the libraries it runs on (read without importing them)."""
+    from importlib import metadata
+
+    def of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{name} {of(name)}" for name in ("torch", "triton", "transformers"))
+    return f"graphdelta {of('graphdelta')} (Python {sys.version.split()[0]}, {libs})"
 
 
 def _device(name: str) -> str:
@@ -45,8 +61,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import graphdelta
+    from graphdelta import progress
     from graphdelta.assets import CheckpointError, load_model
+    from graphdelta.runtime.streamer import TokenPrinter
 
+    progress.show(True)
     device = _device(args.device)
     try:  # a checkpoint with missing or unexpected weights is refused, not run with random ones
         model, tokenizer = load_model(args.model, getattr(torch, args.dtype), device, strict=True)
@@ -54,23 +73,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"--model: {err}")
     target = model
     if not args.no_compile:
-        print(f"compiling {type(model).__name__} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
         try:
             target = graphdelta.compile(model, state_layout=args.state_layout)
         except NotImplementedError as err:
             raise SystemExit(f"unsupported architecture {type(model).__name__}: {err}")
-        print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids[0]
-    print(args.prompt, end="", flush=True)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   compile_steps=not args.no_compile and torch.device(device).type == "cpu",  # CUDA: graphs
+                   max_len=len(ids) + args.max_new_tokens)  # one cache (and compiled step) for both calls
     with torch.no_grad():
-        graphdelta.generate(
-            target, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            stream=lambda _, token: print(tokenizer.decode([token]), end="", flush=True),
-            compile_steps=not args.no_compile and torch.device(device).type == "cpu",  # CUDA: graphs
-        )
-    print()
+        if not args.no_compile and args.max_new_tokens > 1:
+            # Compiling happens here, with its progress on stderr, not in the middle of the text.
+            graphdelta.generate(target, [ids], max_new_tokens=2, **options)
+        printer = TokenPrinter(tokenizer, args.prompt)
+        start = time.perf_counter()
+        new = graphdelta.generate(target, [ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  stream=printer, **options)[0]
+        printer.close()
+    stamps = printer.stamps
+    if stamps:
+        decode = f", then {(len(stamps) - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if len(stamps) > 1 else ""
+        print(f"{len(new)} tokens: first after {(stamps[0] - start) * 1e3:.0f} ms (prefill of {len(ids)}){decode} "
+              f"(batch 1, {torch.get_num_threads()} threads, {args.dtype} on {device})", file=sys.stderr)
     return 0
 
 
@@ -84,40 +108,80 @@ def cmd_explain(args: argparse.Namespace) -> int:
         lengths = []
     if not lengths or min(lengths) < 1:
         raise SystemExit(f"--lengths must be positive prompt lengths, comma-separated, got {args.lengths!r}")
+    from graphdelta import progress
     from graphdelta.report import main as report_main
 
     argv = [str(path), "--lengths", args.lengths, "--backend", args.backend, "--state-layout", args.state_layout]
     try:  # a missing path or a folder that is not a model: one line, before anything is loaded
         auto_model_class(load_config(path))
+        progress.show(True)
         return report_main(argv)
     except CheckpointError as err:
         raise SystemExit(f"graphdelta explain: {err}") from None
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def default_bench_out() -> Path:
+    """Where benchmark results go unless told: outside the checkout, whose ``benchmarks/results``
+    holds the measurements BENCHMARKS.md cites."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "graphdelta" / "bench"
+
+
+def _bench_folder() -> Path:
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
     if not folder.is_dir():
         raise SystemExit("graphdelta bench runs the scripts in benchmarks/ of a source checkout: "
                          "run it from a clone of the repository (pip install -e .)")
+    return folder
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    folder = _bench_folder()
     names = BENCHMARKS if args.which == "all" else (args.which if args.which != "ops" else "ops_cpu",)
-    if "kernels" in names and args.which == "kernels" and args.gpu:
+    args.extra = [a for a in args.extra if a != "--"]
+    if "--help" in args.extra:
+        if len(names) > 1:
+            raise SystemExit("graphdelta bench all --help: ask one script, e.g. graphdelta bench prefill --help")
+    elif "kernels" in names and args.gpu:
         _device("cuda")
+    out = (args.out or default_bench_out()).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out: {out} is a file: give a folder for the results")
+    os.environ["GRAPHDELTA_BENCH_RESULTS"] = str(out)  # read by benchmarks/common.py
     sys.path.insert(0, str(folder))
     for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] benchmarks/{name}.py", flush=True)
+        if len(names) > 1:
+            print(f"[{i}/{len(names)}] benchmarks/{name}.py", flush=True)
         saved = sys.argv
-        sys.argv = [f"benchmarks/{name}.py", *args.extra]
+        sys.argv = [f"graphdelta bench {args.which if len(names) == 1 else name}", *args.extra]
         try:
             runpy.run_path(str(folder / f"{name}.py"), run_name="__main__")
         finally:
             sys.argv = saved
-    print(f"results in {folder / 'results'}")
+    print(f"results in {out}")
     return 0
+
+
+def bench_options() -> str:
+    """Each benchmark script's options, from its own parser (for ``bench --help``)."""
+    lines = []
+    for name in BENCHMARKS:
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        if path.is_file():
+            text = path.read_text()
+            calls = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"([^\n]*)", text)
+            flags = {flag for flag, rest in calls if "SUPPRESS" not in rest}
+            if "add_device_arguments(" in text:
+                flags |= {"--device", "--dtype"}
+            flags = sorted(flags)
+            lines.append(f"  {'ops' if name == 'ops_cpu' else name:9s}{' '.join(flags) or '(none)'}")
+    return "options of each script (graphdelta bench NAME --help for details):\n" + "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphdelta", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="compile a model and stream a generation")
@@ -129,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     gen.add_argument("--seed", type=int, default=None, help="seed of the sampler")
-    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     gen.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda needs a GPU")
     gen.add_argument("--state-layout", choices=("auto", "kv", "vk"), default="auto",
                      help="recurrent-state layout; auto measures on this device")
@@ -147,12 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--state-layout", default="auto", choices=("auto", "kv", "vk"))
     exp.set_defaults(fn=cmd_explain)
 
-    bench = sub.add_parser("bench", help="run benchmark scripts (JSON, Markdown, PNG in benchmarks/results)")
+    bench = sub.add_parser("bench", help="run benchmark scripts (JSON, Markdown, PNG into --out)",
+                           epilog=bench_options(), formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("which", choices=("ops", "kernels", "compile", "prefill", "decode", "all"),
                        help="ops: CPU chunk op vs transformers; kernels: prefill/decode vs roofline; "
                             "compile: compile time and prefill; prefill: eager and graphdelta taking "
                             "turns; decode: generation steps")
     bench.add_argument("--gpu", action="store_true", help="require a GPU (kernels at full size)")
+    bench.add_argument("--out", type=Path, default=None,
+                       help=f"folder for the results (default {default_bench_out()}, outside the checkout)")
     bench.set_defaults(fn=cmd_bench)
 
     # Its options are python -m graphdelta.fuzz's own (main() hands them over unparsed).
@@ -168,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return fuzz.main(argv[1:])
     parser = build_parser()
+    if argv[:1] == ["bench"] and len(argv) > 2 and not {"-h", "--help"}.isdisjoint(argv[2:]):
+        # `bench NAME --help` is the script's own help, not bench's
+        argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

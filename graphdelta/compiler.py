@@ -23,6 +23,7 @@ naming the layer. ``graphdelta.explain(compiled)`` reports what happened.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import warnings
@@ -31,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from graphdelta import hf, passes
+from graphdelta import hf, passes, progress
 from graphdelta.passes import discover
 from graphdelta.passes.causal_mask import causal_sdpa
 from graphdelta.passes.norm_gate import unflatten_norm_gates
@@ -146,6 +147,7 @@ class CompiledModel(nn.Module):
         self.graph_log = graph_log
         self.patch = discover.LayerPatch()
         self._lazy, self._warn, self._calls_seen = lazy, warn, set()
+        self._kinds_run: set = set()  # call_class of the calls run compiled (progress for the first)
         # The root's forward is called through this cell: the model's own (bound) forward, or
         # the patched one when the root itself calls a replaced function. Not ``model.forward``:
         # ``generate`` points the module's ``forward`` at this wrapper for its duration, and the
@@ -176,8 +178,10 @@ class CompiledModel(nn.Module):
         result = []
         old = self.plan
         start = time.perf_counter()
-        plan = passes.run(Plan(self.model, lambda m: result.append(m(*args, **kwargs)), old.state_layout,
-                               discovered=old.discovered, submodules=old.submodules, cache=old.cache))
+        with progress.phase(f"probing and recognizing a new kind of call to {type(self.model).__name__}") as shown:
+            plan = passes.run(Plan(self.model, lambda m: result.append(m(*args, **kwargs)), old.state_layout,
+                                   discovered=old.discovered, submodules=old.submodules, cache=old.cache),
+                              on_pass=shown.note)
         plan.seconds = old.seconds + time.perf_counter() - start
         known = set(old.warnings)
         _report(plan, warn=self._warn, known=known)
@@ -213,9 +217,18 @@ class CompiledModel(nn.Module):
             own_positions = self._signature.bind_partial(*args, **kwargs).arguments.get("position_ids") is None
         except TypeError:  # let the model's own call raise it
             own_positions = False
-        with self.patch.applied(), causal_sdpa(own_positions), \
-                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return self._compiled(*args, **kwargs)
+        kind = call_class(args, kwargs)
+        first = kind not in self._kinds_run  # most likely compiles: say so before going silent
+        self._kinds_run.add(kind)
+        shown = progress.phase("compiling the first call of this kind (with inductor, about a minute on CPU)") if first \
+            else contextlib.nullcontext()
+        with shown as phase, self.patch.applied(), causal_sdpa(own_positions), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, specialize_float=True):
+            self.graph_log.note = phase.note if first else None
+            try:
+                return self._compiled(*args, **kwargs)
+            finally:
+                self.graph_log.note = None
 
     def _differentiable(self, args: tuple, kwargs: dict) -> bool:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -332,7 +345,8 @@ def compile(
         return CompiledModel(model, plan, GraphLog(inner_backend(backend), rewrite=unflatten_norm_gates),
                              dynamic, compile_kwargs, lazy=True, warn=warn)
     start = time.perf_counter()
-    plan = passes.run(Plan(model, probe or default_probe, state_layout))
+    with progress.phase(f"probing and recognizing {type(model).__name__}") as shown:
+        plan = passes.run(Plan(model, probe or default_probe, state_layout), on_pass=shown.note)
     plan.seconds = time.perf_counter() - start
     _report(plan, warn=warn)
     return CompiledModel(model, plan, GraphLog(inner_backend(backend), rewrite=unflatten_norm_gates),

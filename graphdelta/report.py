@@ -56,6 +56,10 @@ def _guard_text(failure: str) -> str:
     return text
 
 
+# Dynamo's restart signals that carry no message, and what each means.
+_SILENT = {"TensorifyScalarRestartAnalysis": "Dynamo traces the frame again with Python float inputs as tensors"}
+
+
 class GraphLog:
     """A backend in front of ``inner`` that records every graph it is asked to compile."""
 
@@ -67,6 +71,7 @@ class GraphLog:
         self.layer_classes = layer_classes
         self.graphs: list[GraphRecord] = []
         self.pending = ""
+        self.note: Callable[[str], None] | None = None  # progress: told of each graph as it compiles
 
     def _in_layer(self, node: torch.fx.Node) -> bool:
         stack = node.meta.get("nn_module_stack") or {}
@@ -125,12 +130,14 @@ class GraphLog:
         self.graphs.append(record)
         start = time.perf_counter()
         record.norm_gates = self.rewrite(gm) if self.rewrite else 0
+        if self.note is not None:
+            self.note(f"graph {record.index} ({record.nodes} nodes) in the backend")
         try:
             compiled = self.compile_graph(gm, example_inputs, **compile_options)
         except Exception as e:
             # Dynamo may catch this and trace the frame again (e.g. to specialize a size):
             # the next record then says why.
-            message = (str(e).strip().splitlines() or [""])[0][:160]
+            message = (str(e).strip().splitlines() or [_SILENT.get(type(e).__name__, "no message")])[0][:160]
             record.reason += f"; backend gave up ({type(e).__name__}: {message})"
             self.pending = f"retrace after the backend gave up on graph {record.index} ({type(e).__name__})"
             raise

@@ -111,11 +111,14 @@ PASSES: tuple[Callable[[Plan], Plan], ...] = (
 )
 
 
-def run(plan: Plan) -> Plan:
-    """Run ``PASSES`` in order. Recognition works on small tensors, where one thread is much
-    faster than several competing for the cores, so the passes run single-threaded."""
+def run(plan: Plan, on_pass: Callable[[str], None] | None = None) -> Plan:
+    """Run ``PASSES`` in order (``on_pass(name)`` before each: progress). Recognition works on
+    small tensors, where one thread is much faster than several competing for the cores, so the
+    passes run single-threaded."""
     with single_thread():
         for p in PASSES:
+            if on_pass is not None:
+                on_pass(p.__name__)
             plan = p(plan)
     return plan
 

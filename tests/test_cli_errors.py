@@ -62,6 +62,13 @@ def test_generate_arguments_are_refused_before_loading(monkeypatch, argv, messag
     exits(argv, message)
 
 
+def test_bench_arguments_are_refused_before_running(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli.runpy, "run_path", fail)
+    (tmp_path / "file").write_text("")
+    exits(["bench", "ops", "--out", str(tmp_path / "file")], "is a file: give a folder for the results")
+    exits(["bench", "all", "--help"], "ask one script, e.g. graphdelta bench prefill --help")
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda tmp: tmp / "absent", "does not exist: give a local transformers checkpoint folder"),
     (lambda tmp: tmp, "has no config.json"),

@@ -33,26 +33,97 @@ CLI = ("-m", "graphdelta.cli")
 HELP = """
 import contextlib, io
 from graphdelta import cli
-for command in ([], ["generate"], ["explain"], ["bench"], ["fuzz"]):
+def output(argv):
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         try:
-            cli.main([*command, "--help"])
+            cli.main(argv)
         except SystemExit as e:
-            assert e.code in (0, None), (command, e.code)
-    assert "usage:" in text.getvalue(), (command, text.getvalue())
+            assert e.code in (0, None), (argv, e.code)
+    return text.getvalue()
+for command in ([], ["generate"], ["explain"], ["bench"], ["fuzz"]):
+    assert "usage:" in output([*command, "--help"]), command
+bench = output(["bench", "--help"])
+assert "--out" in bench and "ops      --lengths --repeats" in bench, bench  # each script's options
+script = output(["bench", "ops", "--help"])
+assert "--lengths LENGTHS" in script and "--gpu" not in script, script  # the script's own help
+assert output(["--version"]).startswith("graphdelta 0.1.0 (Python 3.")
 print("every help ok")
 """
 
 
 def test_cli_help():
-    """Every command's --help, in one process (importing torch costs 4 s a process)."""
+    """Every command's --help, bench's help of each script, --version, in one process
+    (importing torch costs 4 s a process)."""
     assert "every help ok" in run("-c", HELP)
 
 
 def test_cli_generate_streams_text():
-    out = run(*CLI, "generate", "--no-compile", "--prompt", "def ", "--max-new-tokens", "6")
-    assert out.startswith("def ") and len(out.rstrip("\n")) > len("def ")
+    """Multi-byte characters stream whole (no U+FFFD from a character split over tokens); the
+    speed line goes to stderr, after the text."""
+    prompt = "# café → 世界 🙂\ndef "
+    result = subprocess.run([sys.executable, *CLI, "generate", "--no-compile", "--prompt", prompt,
+                             "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(prompt) and len(out.rstrip("\n")) > len(prompt) and "\ufffd" not in out, out
+    assert "6 tokens: first after" in result.stderr and "tokens/s (batch 1" in result.stderr, result.stderr
+
+
+class Pieces:
+    """A file that keeps every write."""
+
+    def __init__(self):
+        self.pieces = []
+
+    def write(self, text):
+        self.pieces.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_lines(monkeypatch, capsys):
+    """Off by default where stderr is not a terminal; on, a start and an end line; the
+    environment overrides both."""
+    from graphdelta import progress
+
+    monkeypatch.delenv("GRAPHDELTA_PROGRESS", raising=False)
+    monkeypatch.setattr(progress, "_shown", None)
+    with progress.phase("quiet") as shown:
+        shown.note("nothing shows")
+    assert capsys.readouterr().err == ""
+    progress.show(True)
+    with progress.phase("compiling x"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "graphdelta: compiling x ..." and err[1].startswith("graphdelta: compiling x: ")
+    monkeypatch.setenv("GRAPHDELTA_PROGRESS", "0")
+    with progress.phase("off"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_streamer_keeps_characters_whole():
+    """Tokens of text whose characters span several byte-level tokens, streamed one at a time:
+    no piece holds half a character, and the pieces make the text."""
+    from graphdelta.assets import load_default_model
+    from graphdelta.runtime.streamer import TokenPrinter
+
+    _, tokenizer = load_default_model()
+    text = "naïve café → 世界 🙂 ok\nünïcödé\n\n"
+    tokens = tokenizer(text).input_ids
+    assert len(tokens) > len(text)  # multi-byte characters are split over tokens
+    out = Pieces()
+    printer = TokenPrinter(tokenizer, "prompt: ", out)
+    for token in tokens:
+        printer(0, token)
+    printer.close()
+    assert "".join(out.pieces) == "prompt: " + text + "\n"
+    assert not any("\ufffd" in piece for piece in out.pieces), out.pieces
+    assert len(printer.stamps) == len(tokens)
+    with pytest.raises(ValueError, match="streams one sequence"):
+        printer(1, tokens[0])
 
 
 def test_cli_explain_reports_every_linear_layer():
@@ -63,9 +134,13 @@ def test_cli_explain_reports_every_linear_layer():
 
 
 def test_cli_bench_and_fuzz(tmp_path):
-    out = run(*CLI, "bench", "ops", "--lengths", "64", "--repeats", "1",
-              env={"GRAPHDELTA_BENCH_RESULTS": str(tmp_path)})
-    assert (tmp_path / "ops_cpu.json").exists() and "| 64 |" in out
+    """bench writes into --out (never into the checkout: benchmarks/results holds the measured
+    files BENCHMARKS.md cites); fuzz runs."""
+    tracked = {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").iterdir()}
+    out = run(*CLI, "bench", "ops", "--lengths", "64", "--repeats", "1", "--out", str(tmp_path / "bench"))
+    assert (tmp_path / "bench" / "ops_cpu.json").exists() and "| 64 |" in out
+    assert f"results in {tmp_path / 'bench'}" in out
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").iterdir()} == tracked
     out = run(*CLI, "fuzz", "--impl", "chunk", "--examples", "3", "--seed", "0")
     assert "[chunk] OK: 3 problems" in out
 

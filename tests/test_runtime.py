@@ -202,14 +202,31 @@ def test_compiled_steps_match_eager_steps(qwen):
 
 def test_static_steps_read_a_window_bucket(qwen):
     """Attention reads the longest live sequence's positions, rounded up: to a power-of-two
-    bucket from 64 for static steps (compiled or CUDA graphs: few shapes), to a multiple of 64
-    eagerly; never the whole cache."""
+    bucket from 64 for static steps (compiled or CUDA graphs: few shapes; max_len absorbs the
+    bucket below it when less than twice it), to a multiple of 64 eagerly; never the whole
+    cache for short sequences."""
     static = Runner(qwen, max_seqs=2, max_len=1000, compile_steps=True)  # compiles on first use only
     eager = Runner(qwen, max_seqs=2, max_len=1000)
-    assert static.windows == [64, 128, 256, 512, 1000]
-    assert [static._window(n) for n in (1, 64, 65, 300, 513, 1000)] == [64, 64, 128, 512, 1000, 1000]
+    assert static.windows == [64, 128, 256, 1000]
+    assert [static._window(n) for n in (1, 64, 65, 200, 300, 513, 1000)] == [64, 64, 128, 256, 1000, 1000, 1000]
+    assert Runner(qwen, max_seqs=1, max_len=80, compile_steps=True).windows == [80]
+    assert Runner(qwen, max_seqs=1, max_len=3000, compile_steps=True).windows == [64, 128, 256, 512, 1024, 3000]
     assert [eager._window(n) for n in (1, 65, 130, 999)] == [64, 128, 192, 1000]
     assert static._window(130, packed=True) == 192  # prefill is never static
+
+
+def test_prepare_compiles_every_window_of_a_run_on_padded_rows(qwen, monkeypatch):
+    """``generate`` compiles the decode step of every window its sequences will grow through
+    before the first token (not between streamed tokens), on padded rows: no slot changes."""
+    runner = Runner(qwen, max_seqs=2, max_len=200, compile_steps=True)
+    calls = []
+    monkeypatch.setattr(runner, "_run", lambda tokens, slots, starts, window, keep: calls.append(
+        (tokens.shape, slots.tolist(), window, keep)))
+    runner.prepare(2, 10, 150)
+    assert calls == [((2, 1), [-1, -1], 64, False), ((2, 1), [-1, -1], 200, False)]
+    runner.prepare(2, 10, 150)  # compiled already
+    assert len(calls) == 2 and runner.cache.lengths == [0, 0]
+    Runner(qwen, max_seqs=2, max_len=200).prepare(2, 10, 150)  # eager steps: nothing to compile
 
 
 def test_a_window_bucket_gives_the_logits_of_the_whole_cache(qwen):

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from graphdelta import checks
+from graphdelta import checks, progress
 from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, PendingVerify
 from graphdelta.runtime.forward import Batch, HybridForward, Writes, experts_implementation, static_experts
 from graphdelta.runtime.layers import ModelSpec
@@ -167,7 +167,13 @@ class Runner:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on CUDA, got {self.device}")
         self.windows = buckets(self.cache.max_len, min(WINDOW_BLOCK, self.cache.max_len))
+        if len(self.windows) > 1 and self.windows[-1] < 2 * self.windows[-2]:
+            # max_len absorbs the power of two below it: a step shape costs a compile (~25 s on
+            # CPU for the tiny model) or a CUDA graph, and a window at most 4x the positions
+            # in use costs little (attention is a quarter of a hybrid's layers)
+            del self.windows[-2]
         self._graphs: dict[tuple[int, int, bool, int], _Graph] = {}
+        self._static_keys: set[tuple[int, int, bool, int]] = set()  # step shapes compiled or captured
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # torch.compile of the step (inductor), one compilation per (batch, window) bucket, as
         # under CUDA graphs: the shapes never change within a bucket.
@@ -312,8 +318,50 @@ class Runner:
         else:  # already on the device (sampled there): padded on the device
             tokens_p = torch.cat([tokens.to(self.device), tokens.new_zeros(pad, T, device=self.device)])
         key = (size, T, keep, window)
-        if self.cuda_graphs and key not in self._graphs:  # captured on padded rows, outside the step
-            self._graphs[key] = _Graph(self, size, T, keep, window)
+        eager = not (self.cuda_graphs or self.compile_steps)
+        if not eager and key not in self._static_keys:  # the first call of a shape compiles or captures it
+            with self._first_of(key):
+                if self.cuda_graphs and key not in self._graphs:  # captured on padded rows, outside the step
+                    self._graphs[key] = _Graph(self, size, T, keep, window)
+                out = self._step_on(slots, key, tokens_p, slots_p, starts_p, B)
+            self._static_keys.add(key)
+            return out
+        return self._step_on(slots, key, tokens_p, slots_p, starts_p, B)
+
+    def _first_of(self, key: tuple[int, int, bool, int]):
+        """Progress for compiling (or capturing) the static step of shape ``key``."""
+        size, T, keep, window = key
+        what = "capturing a CUDA graph of" if self.cuda_graphs else "compiling"
+        return progress.phase(f"{what} the {'verify' if keep else 'decode'} step "
+                              f"(batch bucket {size}, {T} token(s), window {window})")
+
+    def prepare(self, batch: int, shortest: int, longest: int) -> None:
+        """Compile (``compile_steps``) or capture (CUDA graphs) the decode step of ``batch``
+        sequences for every attention window a run reaches while its sequences grow from
+        ``shortest`` to ``longest`` positions, on padded rows only (no slot changes): a stream
+        then does not stall part-way to compile. Eager steps need nothing."""
+        if not (self.cuda_graphs or self.compile_steps):
+            return
+        size = self.bucket(min(batch, self.max_batch))
+        lo, hi = self._window(shortest), self._window(min(longest, self.cache.max_len))
+        for window in (w for w in self.windows if lo <= w <= hi):
+            key = (size, 1, False, window)
+            if key in self._static_keys:
+                continue
+            with self._first_of(key):
+                if self.cuda_graphs:
+                    if key not in self._graphs:
+                        self._graphs[key] = _Graph(self, size, 1, False, window)
+                else:
+                    self._run(torch.zeros(size, 1, dtype=torch.long, device=self.device),
+                              torch.full((size,), -1, dtype=torch.long, device=self.device),
+                              torch.zeros(size, dtype=torch.long, device=self.device), window, False)
+            self._static_keys.add(key)
+
+    def _step_on(self, slots: list[int], key: tuple[int, int, bool, int], tokens_p: Tensor, slots_p: Tensor,
+                 starts_p: Tensor, B: int) -> tuple[Tensor, list[LinearAux]]:
+        """One static step on padded rows (``key``: bucket, T, keep, window) for ``B`` real rows."""
+        _, T, keep, window = key
         eager = not (self.cuda_graphs or self.compile_steps)
         writes = Writes() if eager and self.forward.stages_writes(packed=False) else None
 
