@@ -22,6 +22,7 @@ import torch
 import graphdelta
 from graphdelta import progress
 from graphdelta.assets import DEFAULT_MODEL_DIR, load_model
+from graphdelta.runtime.generate import runner_for
 from graphdelta.runtime.streamer import TokenPrinter
 
 
@@ -99,10 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     print("== graphdelta.generate, streaming:")
     with torch.no_grad():
         # One max_len for both calls: the warm-up's cache, and its compiled steps, serve the run.
-        options = dict(eos_token_id=[], compile_steps=not args.eager_steps,
+        options = dict(eos_token_id=[], compile_steps=not args.eager_steps, max_batch=1,
                        max_len=ids.shape[1] + args.max_new_tokens)
         warm = time.perf_counter()
-        graphdelta.generate(compiled, [ids[0]], max_new_tokens=4, **options)  # compiles the decode steps
+        graphdelta.generate(compiled, [ids[0]], max_new_tokens=4, **options)  # warms up the runtime
+        # the decode step of every attention window the run reaches (generate's runner)
+        runner_for(compiled, 1, options["max_len"], options["compile_steps"]).prepare(
+            1, ids.shape[1] + 1, options["max_len"])
         spent["decode-step warm-up (compiling)"] = time.perf_counter() - warm
         print(f"(warm-up, compiling the decode step: {spent['decode-step warm-up (compiling)']:.1f} s)")
         printer = TokenPrinter(tokenizer, args.prompt)

@@ -63,6 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import graphdelta
     from graphdelta import progress
     from graphdelta.assets import CheckpointError, load_model
+    from graphdelta.runtime.generate import runner_for
     from graphdelta.runtime.streamer import TokenPrinter
 
     progress.show(True)
@@ -78,13 +79,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except NotImplementedError as err:
             raise SystemExit(f"unsupported architecture {type(model).__name__}: {err}")
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids[0]
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   compile_steps=not args.no_compile and torch.device(device).type == "cpu",  # CUDA: graphs
-                   max_len=len(ids) + args.max_new_tokens)  # one cache (and compiled step) for both calls
+    steps = not args.no_compile and torch.device(device).type == "cpu"  # compiled steps (CUDA: graphs)
     with torch.no_grad():
-        if not args.no_compile and args.max_new_tokens > 1:
-            # Compiling happens here, with its progress on stderr, not in the middle of the text.
-            graphdelta.generate(target, [ids], max_new_tokens=2, **options)
+        # The decode step is compiled (or captured) here, with its progress on stderr: not in the
+        # text, and not on the clock of the first token. generate then runs on this runner.
+        runner_for(target, 1, len(ids) + args.max_new_tokens, steps).prepare(1, len(ids) + 1,
+                                                                            len(ids) + args.max_new_tokens)
+        options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, compile_steps=steps,
+                       max_batch=1, max_len=len(ids) + args.max_new_tokens)
         printer = TokenPrinter(tokenizer, args.prompt)
         start = time.perf_counter()
         new = graphdelta.generate(target, [ids], max_new_tokens=args.max_new_tokens, seed=args.seed,

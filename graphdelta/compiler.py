@@ -140,8 +140,9 @@ class CompiledModel(nn.Module):
     compiled. The first decode step of a hand-written model is found that way."""
 
     def __init__(self, model: nn.Module, plan: Plan, graph_log: GraphLog, dynamic: bool | None,
-                 compile_kwargs: dict[str, Any], *, lazy: bool, warn: bool):
+                 compile_kwargs: dict[str, Any], *, lazy: bool, warn: bool, backend: str = "inductor"):
         super().__init__()
+        self._backend = backend
         self.model = model
         self.plan = plan
         self.graph_log = graph_log
@@ -220,8 +221,11 @@ class CompiledModel(nn.Module):
         kind = call_class(args, kwargs)
         first = kind not in self._kinds_run  # most likely compiles: say so before going silent
         self._kinds_run.add(kind)
-        shown = progress.phase("compiling the first call of this kind (with inductor, about a minute on CPU)") if first \
-            else contextlib.nullcontext()
+        how_long = " (inductor: about a minute on CPU for the tiny model)" if self._backend == "inductor" else ""
+        shown = progress.phase(f"compiling the first call of this kind{how_long}") if first else contextlib.nullcontext()
+        # specialize_float: the models' float arguments are constants (scales, eps); traced as
+        # tensors they made inductor give up on the first graph and Dynamo trace it again
+        # (TensorifyScalarRestartAnalysis: 70 s -> 49 s for the demo's first call, cold).
         with shown as phase, self.patch.applied(), causal_sdpa(own_positions), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, specialize_float=True):
             self.graph_log.note = phase.note if first else None
@@ -343,14 +347,14 @@ def compile(
                 "read kv. Pass probe=fn(model) that reaches every call, or use state_layout='kv'.")
         plan = Plan(model, probe, "kv")
         return CompiledModel(model, plan, GraphLog(inner_backend(backend), rewrite=unflatten_norm_gates),
-                             dynamic, compile_kwargs, lazy=True, warn=warn)
+                             dynamic, compile_kwargs, lazy=True, warn=warn, backend=backend)
     start = time.perf_counter()
     with progress.phase(f"probing and recognizing {type(model).__name__}") as shown:
         plan = passes.run(Plan(model, probe or default_probe, state_layout), on_pass=shown.note)
     plan.seconds = time.perf_counter() - start
     _report(plan, warn=warn)
     return CompiledModel(model, plan, GraphLog(inner_backend(backend), rewrite=unflatten_norm_gates),
-                         dynamic, compile_kwargs, lazy=False, warn=warn)
+                         dynamic, compile_kwargs, lazy=False, warn=warn, backend=backend)
 
 
 def _report(plan: Plan, warn: bool, known: set[str] = frozenset()) -> None:
