@@ -7,7 +7,7 @@ to a whole decode step, eager and compiled, on the tiny Qwen3-Next of benchmarks
 Holding the new conv and recurrent states until after the model's head copies nothing more: the
 same ``index_copy_`` calls run, later. So the bookkeeping is the whole per-step cost; a step's own
 time is given to compare it with. Writes atomic_steps.{json,md} to the results folder
-(``common.RESULTS``). Not a timed test.
+(``common.results_dir()``). Not a timed test.
 """
 from __future__ import annotations
 

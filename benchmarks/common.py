@@ -15,9 +15,13 @@ import torch
 
 from graphdelta.cli import default_bench_out  # noqa: E402
 
-# Outputs go to GRAPHDELTA_BENCH_RESULTS (``graphdelta bench --out``), else outside the checkout:
-# benchmarks/results/ holds the measurements BENCHMARKS.md cites, copied there on purpose.
-RESULTS = Path(os.environ.get("GRAPHDELTA_BENCH_RESULTS") or default_bench_out())
+
+
+def results_dir() -> Path:
+    """Where outputs go: GRAPHDELTA_BENCH_RESULTS (``graphdelta bench --out``, read at each
+    write), else outside the checkout: benchmarks/results/ holds the measurements
+    BENCHMARKS.md cites, copied there on purpose."""
+    return Path(os.environ.get("GRAPHDELTA_BENCH_RESULTS") or default_bench_out())
 
 
 def synchronizer(device: str) -> Callable[[], None]:
@@ -86,20 +90,21 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def write_results(name: str, rows: list[dict], columns: list[str], command: str,
                   plot: Callable[[Path], None] | None = None) -> str:
-    """Write ``RESULTS/<name>.json``, ``.md`` (and ``.png`` via ``plot``); return the Markdown."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write ``<results_dir()>/<name>.json``, ``.md`` (and ``.png`` via ``plot``); return the Markdown."""
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     env = environment()
-    (RESULTS / f"{name}.json").write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=2))
+    (folder / f"{name}.json").write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=2))
     header = ", ".join(f"{k} {v}" for k, v in env.items())
     md = f"`{command}`\n\n{header}\n\n{markdown_table(rows, columns)}\n"
-    (RESULTS / f"{name}.md").write_text(md)
+    (folder / f"{name}.md").write_text(md)
     if plot is not None:
         try:
             import matplotlib
 
             matplotlib.use("Agg")
-            plot(RESULTS / f"{name}.png")
+            plot(folder / f"{name}.png")
         except ImportError:
             print("matplotlib is not installed: no plot written")
-    print(f"wrote {RESULTS / name}.json, .md")
+    print(f"wrote {folder / name}.json, .md")
     return md

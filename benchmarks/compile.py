@@ -11,7 +11,7 @@ their completion):
    compile these lengths trigger is not counted);
 3. the largest relative logit error against eager.
 
-Writes ``compile_<family>_<config>.json`` (into ``common.RESULTS``) and ``.md`` (and ``.png`` with
+Writes ``compile_<family>_<config>.json`` (into ``common.results_dir()``) and ``.md`` (and ``.png`` with
 matplotlib); ``_cuda`` is added to GPU runs' names.
 
     python benchmarks/compile.py --config tiny
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import RESULTS, add_device_arguments, model_dtype, synchronizer  # noqa: E402
+from common import add_device_arguments, model_dtype, results_dir, synchronizer  # noqa: E402
 
 CONFIGS = {"tiny": dict(hidden=128, layers=4), "mid": dict(hidden=1024, layers=8),
            "realistic": dict(realistic=True, layers=8)}  # Qwen3-Next's dimensions (tests/models.py)
@@ -181,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         run_mode(args, args.only)
         return 0
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     results = []
     for mode in args.modes.split(","):
-        partial = RESULTS / f".partial_{mode}.json"
+        partial = folder / f".partial_{mode}.json"
         partial.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--only", mode, "--partial", str(partial), "--family", args.family,
                "--config", args.config, "--prefill", ",".join(map(str, args.prefill)),
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             r.pop("compile_total_s", None) if len(r["compile_s"]) < len(args.compile_lengths) else None
         results.append(r)
         print(json.dumps(r), flush=True)
-    stem = RESULTS / (f"compile_{args.family}_{args.config}" + ("_cuda" if args.device.startswith("cuda") else ""))
+    stem = folder / (f"compile_{args.family}_{args.config}" + ("_cuda" if args.device.startswith("cuda") else ""))
     stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     text = table(results, args)
     stem.with_suffix(".md").write_text(text + "\n")

@@ -7,7 +7,7 @@ one run, at batch 1 and 16, on a tiny and a mid-size Qwen3-Next (random weights,
 
 The systems take turns (``--rounds`` of ``--steps`` steps each) so that a shared machine's load
 hits them alike; the table gives the median and the best step. Writes
-decode.{json,md,png} in the results folder (``common.RESULTS``). Not a timed test: the numbers
+decode.{json,md,png} in the results folder (``common.results_dir()``). Not a timed test: the numbers
 depend on the machine.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ the replay of a captured CUDA graph of the unchecked op (a runtime step's cost: 
 no input checks), with the tile sweep at each batch. The roofline (copy bandwidth, bf16 matmul
 on random data) is measured in the same run. GPU timings are CUDA-event medians
 (``triton.testing.do_bench``). Writes kernels.{json,md,png} to the results folder
-(``common.RESULTS``, which GRAPHDELTA_BENCH_RESULTS moves).
+(``common.results_dir()``, which GRAPHDELTA_BENCH_RESULTS moves).
 """
 from __future__ import annotations
 

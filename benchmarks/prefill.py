@@ -13,7 +13,7 @@ completion. ``--config realistic`` has Qwen3-Next's real layer dimensions (hidde
 heads of 128, its vocabulary), 8 layers, 64 experts: a GPU configuration.
 
 Writes ``prefill_<family>_<config>.json``, ``.md`` and ``.png`` to the results folder
-(``common.RESULTS``).
+(``common.results_dir()``).
 
     python benchmarks/prefill.py --config tiny
     python benchmarks/prefill.py --config mid --lengths 512 --rounds 5

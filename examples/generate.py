@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         graphdelta.generate(compiled, [ids[0]], max_new_tokens=4, **options)  # warms up the runtime
         # the decode step of every attention window the run reaches (generate's runner)
         runner_for(compiled, 1, options["max_len"], options["compile_steps"]).prepare(
-            1, ids.shape[1] + 1, options["max_len"])
+            1, ids.shape[1] + 1, options["max_len"] - 1)
         spent["decode-step warm-up (compiling)"] = time.perf_counter() - warm
         print(f"(warm-up, compiling the decode step: {spent['decode-step warm-up (compiling)']:.1f} s)")
         printer = TokenPrinter(tokenizer, args.prompt)

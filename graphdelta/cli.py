@@ -26,6 +26,10 @@ def version() -> str:
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
+            if name == "graphdelta":  # a checkout on sys.path, not installed
+                from graphdelta import __version__
+
+                return f"{__version__} (not installed)"
             return "not installed"
 
     libs = ", ".join(f"{name} {of(name)}" for name in ("torch", "triton", "transformers"))
@@ -84,14 +88,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # The decode step is compiled (or captured) here, with its progress on stderr: not in the
         # text, and not on the clock of the first token. generate then runs on this runner.
         runner_for(target, 1, len(ids) + args.max_new_tokens, steps).prepare(1, len(ids) + 1,
-                                                                            len(ids) + args.max_new_tokens)
+                                                                            len(ids) + args.max_new_tokens - 1)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, compile_steps=steps,
                        max_batch=1, max_len=len(ids) + args.max_new_tokens)
         printer = TokenPrinter(tokenizer, args.prompt)
         start = time.perf_counter()
-        new = graphdelta.generate(target, [ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                  stream=printer, **options)[0]
-        printer.close()
+        try:
+            new = graphdelta.generate(target, [ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                      stream=printer, **options)[0]
+        finally:  # what was held back, and the line break, even after Ctrl-C
+            printer.close()
     stamps = printer.stamps
     if stamps:
         decode = f", then {(len(stamps) - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if len(stamps) > 1 else ""
@@ -244,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra  # bench: passed on to the benchmark script
-    return args.fn(args)
+    from graphdelta import progress
+
+    shown = progress._shown
+    try:
+        return args.fn(args)
+    finally:  # (commands turn progress on; an in-process caller gets its setting back)
+        progress.show(shown)
 
 
 if __name__ == "__main__":

@@ -220,9 +220,9 @@ class CompiledModel(nn.Module):
             own_positions = False
         kind = call_class(args, kwargs)
         first = kind not in self._kinds_run  # most likely compiles: say so before going silent
-        self._kinds_run.add(kind)
         how_long = " (inductor: about a minute on CPU for the tiny model)" if self._backend == "inductor" else ""
-        shown = progress.phase(f"compiling the first call of this kind{how_long}") if first else contextlib.nullcontext()
+        shown = (progress.phase(f"compiling the first call of this kind{how_long}") if first
+                 else contextlib.nullcontext())
         # specialize_float: the models' float arguments are constants (scales, eps); traced as
         # tensors they made inductor give up on the first graph and Dynamo trace it again
         # (TensorifyScalarRestartAnalysis: 70 s -> 49 s for the demo's first call, cold).
@@ -230,9 +230,11 @@ class CompiledModel(nn.Module):
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, specialize_float=True):
             self.graph_log.note = phase.note if first else None
             try:
-                return self._compiled(*args, **kwargs)
+                out = self._compiled(*args, **kwargs)
             finally:
                 self.graph_log.note = None
+        self._kinds_run.add(kind)  # (a call that failed, or was interrupted, compiles again)
+        return out
 
     def _differentiable(self, args: tuple, kwargs: dict) -> bool:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]

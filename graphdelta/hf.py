@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 FALLBACK_NOTE = "is falling back to its reference PyTorch implementation"
+REPLACED_PACKAGES = ("flash-linear-attention", "causal_conv1d")  # whose functions graphdelta replaces
 
 
 class _OneFallbackNote(logging.Filter):
@@ -27,8 +28,9 @@ class _OneFallbackNote(logging.Filter):
         self.said = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if FALLBACK_NOTE not in str(record.msg):
-            return True
+        text = str(record.msg)
+        if FALLBACK_NOTE not in text or not any(f"`{p}`" in text for p in REPLACED_PACKAGES):
+            return True  # (other packages' notes, e.g. mamba_ssm's, are not about what graphdelta replaces)
         if self.said:
             return False
         self.said = True

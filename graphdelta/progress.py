@@ -4,7 +4,8 @@ runs.
 
 On a terminal a phase is a tqdm line whose elapsed time ticks while the phase runs (compiling
 gives no count to show, so the clock is the progress), and stays as "what  12.3 s" afterwards.
-Elsewhere (a log, a pipe) it is one line when the phase starts and one when it ends. Library
+Elsewhere (a log, a pipe) it is one line when the phase starts and one when it ends (done
+or failed). Library
 calls show it only on a terminal; the command line and the examples turn it on everywhere
 (``show(True)``); ``GRAPHDELTA_PROGRESS=0`` or ``1`` overrides both.
 """
@@ -20,6 +21,9 @@ from typing import Iterator
 from tqdm import tqdm
 
 _shown: bool | None = None  # None: on a terminal only
+# False while streamed text (TokenPrinter) has left stdout mid-line: a progress line written to
+# the same terminal would land inside the text, so it starts on a new line.
+stdout_at_line_start = True
 
 
 def show(on: bool | None) -> None:
@@ -31,6 +35,8 @@ def show(on: bool | None) -> None:
 def _mode() -> str | None:
     """'bar' (a terminal), 'lines', or None (off)."""
     env = os.environ.get("GRAPHDELTA_PROGRESS")
+    if sys.stderr is None:  # (pythonw, detached daemons)
+        return None
     tty = sys.stderr.isatty()
     on = (env != "0") if env in ("0", "1") else (tty if _shown is None else _shown)
     return None if not on else ("bar" if tty else "lines")
@@ -54,13 +60,20 @@ def phase(what: str) -> Iterator[Phase]:
     if mode is None:
         yield Phase()
         return
+    global stdout_at_line_start
     start = time.perf_counter()
+    if not stdout_at_line_start:
+        print(file=sys.stderr, flush=True)
+        stdout_at_line_start = True
     if mode == "lines":
         print(f"graphdelta: {what} ...", file=sys.stderr, flush=True)
+        failed = True
         try:
             yield Phase()
+            failed = False
         finally:
-            print(f"graphdelta: {what}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+            end = "failed after" if failed else "done in"
+            print(f"graphdelta: {what}: {end} {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         return
     bar = tqdm(total=None, desc=f"graphdelta: {what}", bar_format="{desc} {elapsed}{postfix}",
                file=sys.stderr, leave=True, dynamic_ncols=True)
@@ -72,10 +85,12 @@ def phase(what: str) -> Iterator[Phase]:
 
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
+    failed = True
     try:
         yield Phase(bar)
+        failed = False
     finally:
         stop.set()
         ticker.join()
-        bar.set_postfix_str("")
+        bar.set_postfix_str("failed" if failed else "")
         bar.close()

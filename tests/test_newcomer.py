@@ -97,7 +97,14 @@ def test_progress_lines(monkeypatch, capsys):
     with progress.phase("compiling x"):
         pass
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "graphdelta: compiling x ..." and err[1].startswith("graphdelta: compiling x: ")
+    assert err[0] == "graphdelta: compiling x ..." and err[1].startswith("graphdelta: compiling x: done in ")
+    with pytest.raises(KeyboardInterrupt), progress.phase("compiling y"):
+        raise KeyboardInterrupt
+    assert "graphdelta: compiling y: failed after " in capsys.readouterr().err
+    monkeypatch.setattr(progress, "stdout_at_line_start", False)  # streamed text left mid-line
+    with progress.phase("z"):
+        pass
+    assert capsys.readouterr().err.startswith("\ngraphdelta: z ...")
     monkeypatch.setenv("GRAPHDELTA_PROGRESS", "0")
     with progress.phase("off"):
         pass
@@ -124,6 +131,31 @@ def test_streamer_keeps_characters_whole():
     assert len(printer.stamps) == len(tokens)
     with pytest.raises(ValueError, match="streams one sequence"):
         printer(1, tokens[0])
+    out = Pieces()
+    TokenPrinter(tokenizer, "no token came", out).close()
+    assert "".join(out.pieces) == "no token came\n"
+
+
+def test_one_line_for_transformers_fallback_notes(caplog):
+    """transformers' notes about flash-linear-attention and causal_conv1d fallbacks become one
+    line; other packages' notes pass unchanged."""
+    import logging
+
+    from graphdelta import hf
+
+    logger = logging.getLogger("transformers.integrations.hub_kernels")
+    hf.quiet_kernel_fallbacks()
+    hf.quiet_kernel_fallbacks()  # idempotent
+    assert sum(isinstance(f, hf._OneFallbackNote) for f in logger.filters) == 1
+    note = "`{}` is falling back to its reference PyTorch implementation because `{}` is not installed."
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(note.format("mamba_chunk_scan", "mamba_ssm"))
+        for fn, package in (("chunk_gated_delta_rule", "flash-linear-attention"), ("causal_conv1d_fn", "causal_conv1d"),
+                            ("fused_recurrent_gated_delta_rule", "flash-linear-attention")):
+            logger.warning(note.format(fn, package))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == note.format("mamba_chunk_scan", "mamba_ssm")
+    assert len(messages) <= 2 and all("mamba" in m or "graphdelta.compile runs its own ops" in m for m in messages)
 
 
 def test_cli_explain_reports_every_linear_layer():

@@ -225,8 +225,34 @@ def test_prepare_compiles_every_window_of_a_run_on_padded_rows(qwen, monkeypatch
     runner.prepare(2, 10, 150)
     assert calls == [((2, 1), [-1, -1], 64, False), ((2, 1), [-1, -1], 200, False)]
     runner.prepare(2, 10, 150)  # compiled already
+    runner.prepare(2, 10, 9)  # a single new token: no decode step
     assert len(calls) == 2 and runner.cache.lengths == [0, 0]
-    Runner(qwen, max_seqs=2, max_len=200).prepare(2, 10, 150)  # eager steps: nothing to compile
+    eager = Runner(qwen, max_seqs=2, max_len=200)  # eager steps: nothing to compile
+    monkeypatch.setattr(eager, "_run", lambda *args: calls.append(args))
+    eager.prepare(2, 10, 150)
+    assert len(calls) == 2
+
+
+def test_prepared_step_serves_the_decode_steps(qwen):
+    """What ``prepare`` compiled is what the decode steps run (with gradients on around them, as
+    a caller of ``generate`` may have: the steps run without, and so does ``prepare``)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    runner = Runner(qwen, max_seqs=1, max_len=40, compile_steps=True)
+    runner._forward = torch.compile(runner.forward, backend=backend, dynamic=False)
+    with torch.enable_grad():
+        runner.prepare(1, 9, 12)
+    compiled = len(graphs)
+    assert compiled >= 1
+    slot = runner.allocate()
+    last = runner.prefill([slot], [tokens(8, seed=2)[0]])
+    for _ in range(4):
+        last = runner.decode([slot], last.argmax(-1).tolist())
+    assert len(graphs) == compiled and all(not t.requires_grad for t in runner.cache.buffers())
 
 
 def test_a_window_bucket_gives_the_logits_of_the_whole_cache(qwen):

@@ -152,8 +152,9 @@ def generate(
     eos = _eos_ids(runner.model, eos_token_id)
     generator = torch.Generator(device=runner.device).manual_seed(seed) if seed is not None else None
     # The first batch's decode step, at every window its sequences grow through, compiled now:
-    # not between streamed tokens.
-    runner.prepare(min(limit, len(prompts)), min(len(p) for p in prompts) + 1, longest)
+    # not between streamed tokens. A decode step feeds the token sampled last, so the steps end
+    # at positions prompt + 1 .. prompt + max_new_tokens - 1 (none for a single new token).
+    runner.prepare(min(limit, len(prompts)), min(len(p) for p in prompts) + 1, longest - 1)
     queue = collections.deque(enumerate(prompts))
     active: dict[int, tuple[int, int]] = {}  # slot -> (prompt index, last token)
     owned: set[int] = set()  # slots this call allocated and has not freed yet

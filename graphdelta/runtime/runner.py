@@ -335,15 +335,18 @@ class Runner:
         return progress.phase(f"{what} the {'verify' if keep else 'decode'} step "
                               f"(batch bucket {size}, {T} token(s), window {window})")
 
+    @torch.no_grad()  # as the steps run: Dynamo guards on grad mode, and would compile again
     def prepare(self, batch: int, shortest: int, longest: int) -> None:
         """Compile (``compile_steps``) or capture (CUDA graphs) the decode step of ``batch``
-        sequences for every attention window a run reaches while its sequences grow from
-        ``shortest`` to ``longest`` positions, on padded rows only (no slot changes): a stream
-        then does not stall part-way to compile. Eager steps need nothing."""
-        if not (self.cuda_graphs or self.compile_steps):
+        sequences for every attention window its steps reach while the sequences they feed end
+        at ``shortest`` to ``longest`` positions (token included), on padded rows only (no slot
+        changes): a stream then does not stall part-way to compile. Eager steps need nothing,
+        and neither does an empty range (``shortest > longest``: no decode step)."""
+        longest = min(longest, self.cache.max_len)
+        if not (self.cuda_graphs or self.compile_steps) or shortest > longest:
             return
         size = self.bucket(min(batch, self.max_batch))
-        lo, hi = self._window(shortest), self._window(min(longest, self.cache.max_len))
+        lo, hi = self._window(shortest), self._window(longest)
         for window in (w for w in self.windows if lo <= w <= hi):
             key = (size, 1, False, window)
             if key in self._static_keys:

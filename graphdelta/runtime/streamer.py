@@ -14,6 +14,8 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
+from graphdelta import progress
+
 
 class TokenPrinter(TextStreamer):
     """``stream=TokenPrinter(tokenizer, prompt)`` prints the prompt with the first token (so that
@@ -31,14 +33,22 @@ class TokenPrinter(TextStreamer):
         if sequence != 0:
             raise ValueError(f"TokenPrinter streams one sequence, got a token of sequence {sequence}")
         self.stamps.append(time.perf_counter())
-        if len(self.stamps) == 1 and self.prompt:
-            self.on_finalized_text(self.prompt)
+        self._prompt()
         self.put(torch.tensor([token]))
 
     def close(self) -> None:
+        self._prompt()  # (no token came)
         self.end()
 
+    def _prompt(self) -> None:
+        if self.prompt is not None:
+            prompt, self.prompt = self.prompt, None
+            self.on_finalized_text(prompt)
+
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        text += "\n" if stream_end else ""
         out = self.file or sys.stdout
-        out.write(text + ("\n" if stream_end else ""))
+        out.write(text)
         out.flush()
+        if out is sys.stdout and text:  # progress lines then start on a line of their own
+            progress.stdout_at_line_start = text.endswith("\n")
