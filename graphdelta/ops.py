@@ -4,7 +4,8 @@ causal depthwise conv1d and the gated RMSNorm of the linear-attention layers.
 Each op is a ``torch.library.custom_op`` in the ``graphdelta`` namespace, so a compiled graph
 holds one ``torch.ops.graphdelta.*`` node per call, with a fake implementation that gives the
 real output shapes and strides. The public functions below validate their inputs (see
-``graphdelta.checks``) and keep fla's signatures, so fla users can switch by changing an import.
+``graphdelta.checks``). Their signatures are close to fla's but not the same (a ``state_layout``
+argument, ``cu_seqlens`` earlier); ``graphdelta.fla`` takes fla's own calls.
 
 The implementation is chosen per device by ``graphdelta.lowering`` (Triton on CUDA, PyTorch
 elsewhere; ``GRAPHDELTA_BACKEND`` forces one).
@@ -278,7 +279,7 @@ def recurrent_gated_delta_rule(
     return o, (final if output_final_state else None)
 
 
-fused_recurrent_gated_delta_rule = recurrent_gated_delta_rule  # fla's name
+fused_recurrent_gated_delta_rule = recurrent_gated_delta_rule  # fla's name (graphdelta.fla has fla's signature)
 
 
 def gated_delta_rule_decode(

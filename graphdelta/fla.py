@@ -1,0 +1,190 @@
+"""fla 0.6.0's gated delta rule calls, unchanged, on graphdelta's ops (forward only).
+
+``from graphdelta import fla`` in place of ``from fla.ops.gated_delta_rule import ...``: the two
+functions here take flash-linear-attention 0.6.0's parameters (names, order, defaults, its
+``**kwargs`` options), return what it returns (``o`` in q's dtype for the chunked form and v's for
+the recurrent one, a float32 final state or None), and refuse what it refuses with its exception
+types. The in-kernel gate (``use_gate_in_kernel`` with ``A_log``/``dt_bias``), the in-kernel beta
+sigmoid and ``allow_neg_eigval`` are computed here in float32, as fla computes them, and the
+rule runs as one ``torch.ops.graphdelta`` op. ``state_v_first=True`` is graphdelta's ``vk``
+layout. An empty sequence in ``cu_seqlens`` passes its initial state (or zeros) through.
+
+Not covered yet: KDA (``chunk_kda``, ``fused_recurrent_kda``), the short convolution and the gated
+norm under fla's names; a per-value gate ``gv`` or beta; context parallelism (``cp_context``).
+These raise ``NotImplementedError`` naming the argument. graphdelta's ops have no backward: a
+call that would need one raises before any work (fla's ``fused_recurrent`` has none either).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from graphdelta import ops
+
+
+def chunk_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    cp_context: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """fla's chunked gated delta rule. q, k ``[B, T, H, K]``; v ``[B, T, HV, V]``; g, beta
+    ``[B, T, HV]`` (g raw when ``use_gate_in_kernel``, beta logits when
+    ``use_beta_sigmoid_in_kernel``); initial_state ``[N, HV, K, V]`` (``[N, HV, V, K]`` when
+    ``state_v_first``). Returns ``o`` ``[B, T, HV, V]`` in q's dtype and the final state (float32)
+    or None. ``cu_seqlens_cpu``, ``chunk_indices`` and ``chunk_size`` only tune fla's kernels:
+    they are checked, and the answer does not depend on them."""
+    state_v_first = _state_layout_argument(state_v_first, kwargs)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same number of heads, but got q.shape[2]={q.shape[2]} "
+                         f"and k.shape[2]={k.shape[2]}")
+    H, HV = q.shape[2], v.shape[2]
+    if HV % H != 0:
+        raise ValueError(f"For GVA, num_v_heads (HV={HV}) must be evenly divisible by num_heads (H={H}), "
+                         f"but got HV % H = {HV % H}")
+    if "head_first" in kwargs:
+        raise DeprecationWarning("head_first has been removed. Inputs must be in `[B, T, H, ...]` format.")
+    chunk_size = kwargs.pop("chunk_size", 64)
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"`chunk_size` must be 16, 32, or 64 for Gated Delta Rule, got {chunk_size}.")
+    if cp_context is not None:
+        raise NotImplementedError("cp_context: graphdelta does not run context parallelism")
+    if kwargs.get("use_gate_in_kernel", False):
+        assert kwargs.get("A_log") is not None, "A_log must be provided when use_gate_in_kernel=True."
+    g, beta = _gate_and_beta(g, beta, kwargs.get("use_gate_in_kernel", False), kwargs.get("A_log"),
+                             kwargs.get("dt_bias"), use_beta_sigmoid_in_kernel, allow_neg_eigval)
+    o, final = _run(ops.chunk_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
+                    cu_seqlens, use_qk_l2norm_in_kernel, state_v_first)
+    return o.to(q.dtype), final
+
+
+def fused_recurrent_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    beta: Tensor | None = None,
+    scale: float = None,
+    initial_state: Tensor = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """fla's token-by-token gated delta rule. As ``chunk_gated_delta_rule``, plus ``gk``
+    ``[B, T, HV, K]`` (a per-key-channel log-decay, applied with g's); g and beta default to no
+    decay and 1. Note fla's order: ``gk`` and ``gv`` come before ``beta``. Returns ``o`` in v's
+    dtype and the final state (float32) or None."""
+    state_v_first = _state_layout_argument(state_v_first, kwargs)
+    if gv is not None:
+        raise NotImplementedError("gv: a per-value-channel decay is not one of graphdelta's ops")
+    if use_gate_in_kernel:
+        if A_log is None:
+            raise ValueError("`A_log` must be provided when `use_gate_in_kernel=True`.")
+        if g is None:
+            raise ValueError("`g` (raw pre-activation) must be provided when `use_gate_in_kernel=True`.")
+    B, T, HV = v.shape[:3]
+    if beta is None:  # (fla takes ones shaped like q's heads, which indexes wrong when HV > H)
+        beta = v.new_ones(B, T, HV)
+    elif beta.dim() == v.dim():
+        raise NotImplementedError("beta [B, T, HV, V]: a per-value-channel beta is not one of graphdelta's ops")
+    g, beta = _gate_and_beta(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
+                             allow_neg_eigval)
+    if gk is not None:  # exp(g) on the whole state, then exp(gk) along K: one per-channel decay
+        g = gk.float() + (g.float()[..., None] if g is not None else 0.0)
+    elif g is None:
+        g = torch.zeros(B, T, HV, dtype=torch.float32, device=v.device)
+    o, final = _run(ops.recurrent_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
+                    cu_seqlens, use_qk_l2norm_in_kernel, state_v_first)
+    return o.to(v.dtype), final
+
+
+def _state_layout_argument(state_v_first: bool, kwargs: dict) -> bool:
+    """fla's deprecated ``transpose_state_layout``, handled as fla handles it."""
+    if "transpose_state_layout" in kwargs:
+        if state_v_first:
+            raise ValueError("Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`.")
+        warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
+                      DeprecationWarning, stacklevel=3)
+        state_v_first = bool(kwargs.pop("transpose_state_layout"))
+    return bool(state_v_first)
+
+
+def _gate_and_beta(g: Tensor | None, beta: Tensor, gate_in_kernel: bool, A_log: Tensor | None,
+                   dt_bias: Tensor | None, beta_sigmoid: bool, neg_eigval: bool) -> tuple[Tensor | None, Tensor]:
+    """fla's in-kernel prologue, in float32: g = -exp(A_log) * softplus(g + dt_bias) (``A_log``,
+    ``dt_bias`` ``[HV]``), beta = sigmoid(beta), times 2 with ``allow_neg_eigval``."""
+    if neg_eigval and not beta_sigmoid:
+        raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
+    if gate_in_kernel:
+        raw = g.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+        g = -A_log.float().exp() * F.softplus(raw)
+    if beta_sigmoid:
+        beta = beta.float().sigmoid() * (2.0 if neg_eigval else 1.0)
+    return g, beta
+
+
+def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, l2norm, state_v_first):
+    """``op`` with sequences of length 0 in ``cu_seqlens`` taken out (their state passes
+    through, as in fla); the final state in float32."""
+    tensors = [t for t in (q, k, v, g, beta, initial_state) if isinstance(t, Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("graphdelta.fla is inference-only (graphdelta's ops have no backward), and an "
+                           "input requires grad: call it under torch.no_grad() or torch.inference_mode()")
+    layout = "vk" if state_v_first else "kv"
+    keep = None
+    if cu_seqlens is not None and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        empty = (lengths == 0).tolist()
+        if any(empty):
+            keep = [i for i, e in enumerate(empty) if not e]
+            cu_seqlens = torch.cat([cu_seqlens[:1], cu_seqlens[1:][lengths != 0]])
+            if not keep:  # nothing to run: no tokens
+                return _all_empty(q, v, initial_state, output_final_state, len(empty), layout)
+    h0 = initial_state[keep] if keep is not None and initial_state is not None else initial_state
+    o, final = op(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, l2norm, layout)
+    if not output_final_state:
+        return o, None
+    final = final.float()
+    if keep is not None:
+        full = (initial_state.float().clone() if initial_state is not None
+                else final.new_zeros(len(empty), *final.shape[1:]))
+        full[keep] = final
+        final = full
+    return o, final
+
+
+def _all_empty(q, v, initial_state, output_final_state, n, layout):
+    B, T, HV, V = v.shape
+    o = v.new_empty(B, T, HV, V)
+    if not output_final_state:
+        return o, None
+    if initial_state is not None:
+        return o, initial_state.float().clone()
+    shape = (n, HV, q.shape[-1], V) if layout == "kv" else (n, HV, V, q.shape[-1])
+    return o, torch.zeros(shape, dtype=torch.float32, device=v.device)

@@ -1,0 +1,153 @@
+"""``graphdelta.fla``: fla 0.6.0's gated delta rule calls, written as fla's tests write them
+(their grids' shapes, shrunk), against graphdelta's float64 reference.
+
+Covered: the in-kernel gate (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), the in-kernel
+beta sigmoid and ``allow_neg_eigval``, GVA, ``state_v_first`` and the deprecated
+``transpose_state_layout``, varlen with empty sequences, ``chunk_size``, ``gk`` and the default
+g and beta of the recurrent form, return dtypes, and what fla refuses.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphdelta import fla, reference
+
+
+def rel_err(x, ref) -> float:
+    return float((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
+
+
+def inputs(B, T, H, HV, K, V, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, HV, V, generator=gen).to(dtype)
+    g_raw = torch.randn(B, T, HV, generator=gen)
+    beta_raw = torch.randn(B, T, HV, generator=gen)
+    h0 = torch.randn(B, HV, K, V, generator=gen)
+    return q, k, v, g_raw, beta_raw, h0
+
+
+def expected(q, k, v, g, beta, h0, cu_seqlens=None, scale=None):
+    """The float64 reference with q and k normalized, as fla's tests prepare it."""
+    o, s = reference.gated_delta_rule(F.normalize(q.double(), dim=-1), F.normalize(k.double(), dim=-1), v.double(),
+                                      g.double(), beta.double(), scale, h0.double(), True, cu_seqlens)
+    return o, s
+
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("fn", ["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("B,T,H,HV,dtype,gate_in_kernel,dt_bias,beta_sigmoid,neg_eigval", [
+    (1, 63, 1, 1, torch.float32, False, False, False, False),
+    (2, 65, 2, 4, torch.float32, True, True, False, False),
+    (2, 37, 2, 2, torch.float16, True, False, True, False),
+    (1, 1, 1, 2, torch.float32, False, False, True, True),
+    (2, 70, 1, 2, torch.float16, True, True, True, True),
+])
+def test_fla_options_match_the_reference(fn, B, T, H, HV, dtype, gate_in_kernel, dt_bias, beta_sigmoid, neg_eigval):
+    K, V = 16, 8
+    q, k, v, g_raw, beta_raw, h0 = inputs(B, T, H, HV, K, V, dtype)
+    A_log = torch.log(torch.empty(HV).uniform_(1, 16, generator=torch.Generator().manual_seed(1)))
+    bias = torch.randn(HV, generator=torch.Generator().manual_seed(2)) if dt_bias else None
+    g = -A_log.exp() * F.softplus(g_raw + (bias if dt_bias else 0)) if gate_in_kernel else F.logsigmoid(g_raw)
+    beta = beta_raw.sigmoid() * (2 if neg_eigval else 1) if beta_sigmoid else beta_raw.sigmoid()
+    ref_o, ref_s = expected(q, k, v, g, beta, h0)
+    options = dict(scale=None, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                   use_beta_sigmoid_in_kernel=beta_sigmoid, allow_neg_eigval=neg_eigval)
+    gate = g_raw if gate_in_kernel else g
+    b = beta_raw if beta_sigmoid else beta
+    if gate_in_kernel:
+        options.update(use_gate_in_kernel=True, A_log=A_log, dt_bias=bias)
+    if fn == "chunk":
+        o, s = fla.chunk_gated_delta_rule(q, k, v, gate, b, **options)
+        assert o.dtype == q.dtype
+    else:
+        o, s = fla.fused_recurrent_gated_delta_rule(q, k, v, gate, beta=b, **options)
+        assert o.dtype == v.dtype
+    assert s.dtype == torch.float32
+    assert rel_err(o, ref_o) < TOL[dtype] and rel_err(s, ref_s) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fn", [fla.chunk_gated_delta_rule, fla.fused_recurrent_gated_delta_rule])
+def test_state_v_first_and_the_deprecated_name(fn):
+    q, k, v, g_raw, beta_raw, h0 = inputs(2, 20, 2, 2, 8, 16)
+    g, beta = F.logsigmoid(g_raw), beta_raw.sigmoid()
+    ref_o, ref_s = expected(q, k, v, g, beta, h0)
+    call = dict(g=g, beta=beta, initial_state=h0.transpose(-1, -2), output_final_state=True,
+                use_qk_l2norm_in_kernel=True)
+    o, s = fn(q, k, v, state_v_first=True, **call)
+    assert s.shape == (2, 2, 16, 8) and rel_err(s.transpose(-1, -2), ref_s) < 1e-4 and rel_err(o, ref_o) < 1e-4
+    with pytest.warns(DeprecationWarning, match="renamed to `state_v_first`"):
+        o2, s2 = fn(q, k, v, transpose_state_layout=True, **call)
+    assert torch.equal(o2, o) and torch.equal(s2, s)
+    with pytest.raises(ValueError, match="Cannot pass both"):
+        fn(q, k, v, state_v_first=True, transpose_state_layout=True, **call)
+
+
+@pytest.mark.parametrize("fn", [fla.chunk_gated_delta_rule, fla.fused_recurrent_gated_delta_rule])
+def test_varlen_with_empty_sequences(fn):
+    """[0, 5, 5, 17, 17]: the empty sequences keep their initial state; the others are each
+    their own sequence."""
+    cu = torch.tensor([0, 5, 5, 17, 17])
+    q, k, v, g_raw, beta_raw, _ = inputs(1, 17, 1, 2, 8, 8)
+    g, beta = F.logsigmoid(g_raw), beta_raw.sigmoid()
+    h0 = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    o, s = fn(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+              use_qk_l2norm_in_kernel=True)
+    for seq, (lo, hi) in ((0, (0, 5)), (2, (5, 17))):
+        ref_o, ref_s = expected(*(x[:, lo:hi] for x in (q, k, v, g, beta)), h0[seq:seq + 1])
+        assert rel_err(o[:, lo:hi], ref_o) < 1e-4 and rel_err(s[seq], ref_s[0]) < 1e-4
+    assert torch.equal(s[1], h0[1]) and torch.equal(s[3], h0[3])
+    _, s = fn(q, k, v, g=g, beta=beta, output_final_state=True, cu_seqlens=cu)
+    assert not s[1].any() and not s[3].any()
+
+
+def test_recurrent_gates_and_defaults():
+    """``gk`` (per key channel) composes with g; g=None is no decay and beta=None is 1."""
+    q, k, v, g_raw, _, h0 = inputs(1, 9, 1, 2, 8, 8)
+    g = F.logsigmoid(g_raw)
+    gk = F.logsigmoid(torch.randn(1, 9, 2, 8, generator=torch.Generator().manual_seed(4)))
+    ref_o, ref_s = expected(q, k, v, g[..., None] + gk, torch.ones(1, 9, 2), h0)
+    o, s = fla.fused_recurrent_gated_delta_rule(q, k, v, g, gk, initial_state=h0, output_final_state=True,
+                                                use_qk_l2norm_in_kernel=True)
+    assert rel_err(o, ref_o) < 1e-4 and rel_err(s, ref_s) < 1e-4
+    ref_o, _ = expected(q, k, v, torch.zeros(1, 9, 2), torch.ones(1, 9, 2), h0)
+    o, s = fla.fused_recurrent_gated_delta_rule(q, k, v, initial_state=h0, use_qk_l2norm_in_kernel=True)
+    assert s is None and rel_err(o, ref_o) < 1e-4
+
+
+def test_what_fla_refuses_is_refused():
+    q, k, v, g_raw, beta_raw, h0 = inputs(1, 8, 2, 4, 8, 8)
+    g, beta = F.logsigmoid(g_raw), beta_raw.sigmoid()
+    chunk, recurrent = fla.chunk_gated_delta_rule, fla.fused_recurrent_gated_delta_rule
+    with pytest.raises(DeprecationWarning, match="head_first has been removed"):
+        chunk(q, k, v, g, beta, head_first=False)
+    with pytest.raises(ValueError, match="`chunk_size` must be 16, 32, or 64"):
+        chunk(q, k, v, g, beta, chunk_size=128)
+    for size in (16, 32):
+        assert chunk(q, k, v, g, beta, chunk_size=size)[1] is None
+    with pytest.raises(ValueError, match=r"q and k must have the same number of heads"):
+        chunk(q, k[:, :, :1], v, g, beta)
+    with pytest.raises(ValueError, match=r"num_v_heads \(HV=3\) must be evenly divisible"):
+        chunk(q, k, v[:, :, :3], g[..., :3], beta[..., :3])
+    with pytest.raises(AssertionError, match="A_log must be provided"):
+        chunk(q, k, v, g, beta, use_gate_in_kernel=True)
+    with pytest.raises(ValueError, match="`A_log` must be provided"):
+        recurrent(q, k, v, g, beta=beta, use_gate_in_kernel=True)
+    with pytest.raises(ValueError, match=r"`g` \(raw pre-activation\) must be provided"):
+        recurrent(q, k, v, beta=beta, use_gate_in_kernel=True, A_log=torch.zeros(4))
+    for fn in (chunk, recurrent):
+        with pytest.raises(ValueError, match="requires `use_beta_sigmoid_in_kernel=True`"):
+            fn(q, k, v, g, beta=beta, allow_neg_eigval=True)
+    with pytest.raises(NotImplementedError, match="gv"):
+        recurrent(q, k, v, g, gv=torch.zeros(1, 8, 4, 8), beta=beta)
+    with pytest.raises(NotImplementedError, match="cp_context"):
+        chunk(q, k, v, g, beta, cp_context=object())
+    q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        chunk(q, k, v, g, beta)
+    with torch.no_grad():
+        assert chunk(q, k, v, g, beta)[0].shape == v.shape
