@@ -5,7 +5,7 @@
 - ``graphdelta.ops``: the gated delta rule (GDN, KDA), its decode step, the causal conv1d and the
   gated RMSNorm, as
   graph-visible ``torch.ops.graphdelta.*`` ops with signatures close to fla's;
-- ``graphdelta.fla``: fla 0.6.0's gated delta rule calls, unchanged, on those ops;
+- ``graphdelta.fla``: fla 0.6.0's gated delta rule and KDA calls, unchanged, on those ops;
 - ``graphdelta.reference``: the token-by-token reference every implementation is checked against;
 - ``graphdelta.testing`` / ``python -m graphdelta.fuzz``: hypothesis strategies and the checker.
 """

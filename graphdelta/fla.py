@@ -1,6 +1,6 @@
-"""fla 0.6.0's gated delta rule calls, unchanged, on graphdelta's ops (forward only).
+"""fla 0.6.0's gated delta rule and KDA calls, unchanged, on graphdelta's ops (forward only).
 
-``from graphdelta import fla`` in place of ``from fla.ops.gated_delta_rule import ...``: the two
+``from graphdelta import fla`` in place of ``from fla.ops.gated_delta_rule import ...``: the
 functions here take flash-linear-attention 0.6.0's parameters (names, order, defaults, its
 ``**kwargs`` options), return what it returns (``o`` in q's dtype for the chunked form and v's for
 the recurrent one, a float32 final state or None), and refuse what it refuses with its exception
@@ -9,9 +9,12 @@ sigmoid and ``allow_neg_eigval`` are computed here in float32, as fla computes t
 rule runs as one ``torch.ops.graphdelta`` op. ``state_v_first=True`` is graphdelta's ``vk``
 layout. An empty sequence in ``cu_seqlens`` passes its initial state (or zeros) through.
 
-Not covered yet: KDA (``chunk_kda``, ``fused_recurrent_kda``), the short convolution and the gated
-norm under fla's names; a per-value gate ``gv`` or beta; context parallelism (``cp_context``).
-These raise ``NotImplementedError`` naming the argument. graphdelta's ops have no backward: a
+KDA's ``chunk_kda`` and ``fused_recurrent_kda`` are here too, with fla's in-kernel gates
+(-exp(A_log)·softplus(g + dt_bias), or ``lower_bound``·sigmoid(exp(A_log)·(g + dt_bias))).
+
+Not covered yet: the short convolution and the gated norm under fla's names; a per-value gate
+``gv`` or beta, KDA's ``return_intermediate_states`` and context parallelism (``cp_context``)
+raise ``NotImplementedError`` naming the argument. graphdelta's ops have no backward: a
 call that would need one raises before any work (fla's ``fused_recurrent`` has none either).
 """
 from __future__ import annotations
@@ -124,6 +127,106 @@ def fused_recurrent_gated_delta_rule(
     return o.to(v.dtype), final
 
 
+def chunk_kda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    safe_gate: bool = False,
+    lower_bound: float | None = None,
+    disable_recompute: bool = False,
+    return_intermediate_states: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    cp_context: Any = None,
+    use_graph: bool = False,
+    max_num_seqs: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """fla's chunked Kimi Delta Attention: ``chunk_gated_delta_rule`` with a gate per key channel,
+    g ``[B, T, HV, K]`` (raw when ``use_gate_in_kernel``: ``A_log`` (HV values) and ``dt_bias``
+    ``[HV * K]`` come as keyword arguments; ``lower_bound`` selects the bounded sigmoid gate).
+    initial_state must be float32, as in fla. Returns ``o`` in q's dtype and the final state
+    (float32) or None. ``safe_gate``, ``disable_recompute``, ``use_graph`` and ``chunk_size``
+    only tune fla's kernels: they are checked, and the answer does not depend on them."""
+    state_v_first = _state_layout_argument(state_v_first, kwargs)
+    if cp_context is not None:
+        raise NotImplementedError("cp_context: graphdelta does not run context parallelism")
+    if return_intermediate_states:
+        raise NotImplementedError("return_intermediate_states: graphdelta.fla does not return per-chunk states yet")
+    if initial_state is not None:
+        assert initial_state.dtype == torch.float32, "initial_state must be in float32."
+    A_log, dt_bias = (kwargs.get("A_log"), kwargs.get("dt_bias")) if use_gate_in_kernel else (None, None)
+    if use_gate_in_kernel and A_log is None and lower_bound is None:
+        raise ValueError("`A_log` must be provided when `use_gate_in_kernel=True` and `lower_bound` is not set.")
+    chunk_size = kwargs.pop("chunk_size", 64)
+    if chunk_size not in (32, 64):
+        raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {chunk_size}.")
+    if safe_gate and use_gate_in_kernel:
+        if lower_bound is None:
+            raise ValueError("`lower_bound` must be specified when `safe_gate=True` and `use_gate_in_kernel=True`.")
+        if not -5 <= lower_bound < 0:
+            raise ValueError(f"`lower_bound` must be in the safe range [-5, 0), got {lower_bound}.")
+    beta = _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval)
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    assert q.shape == k.shape, f"q and k must have the same shape, got q={tuple(q.shape)} vs k={tuple(k.shape)}"
+    assert K <= 256, f"Currently we only support key headdim <=256 for KDA, got {K}."
+    assert HV % H == 0, (f"For GVA, num_v_heads (HV={HV}) must be evenly divisible by num_qk_heads (H={H}), "
+                         f"but got HV % H = {HV % H}")
+    assert tuple(g.shape) == (B, T, HV, K), f"g must have shape [B, T, HV, K]={[B, T, HV, K]}, got {list(g.shape)}"
+    assert tuple(beta.shape) == (B, T, HV), f"beta must have shape [B, T, HV]={[B, T, HV]}, got {list(beta.shape)}"
+    if use_gate_in_kernel:
+        g = _kda_gate(g, A_log, dt_bias, lower_bound)
+    o, final = _run(ops.chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                    use_qk_l2norm_in_kernel, state_v_first)
+    return o.to(q.dtype), final
+
+
+def fused_recurrent_kda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    lower_bound: float | None = None,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """fla's token-by-token Kimi Delta Attention (``chunk_kda``'s arguments; note fla's order:
+    ``A_log`` and ``dt_bias`` before ``scale``). As in fla, the gate in the kernel with neither
+    ``A_log`` nor ``lower_bound`` takes A = 1. Returns ``o`` in v's dtype and the final state
+    (float32) or None."""
+    state_v_first = _state_layout_argument(state_v_first, kwargs)
+    if beta.dim() == v.dim():
+        raise NotImplementedError("beta [B, T, HV, V]: a per-value-channel beta is not one of graphdelta's ops")
+    beta = _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval)
+    if use_gate_in_kernel:
+        g = _kda_gate(g, A_log, dt_bias, lower_bound)
+    o, final = _run(ops.recurrent_gated_delta_rule, q, k, v, g, beta, scale,
+                    initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, state_v_first)
+    return o.to(v.dtype), final
+
+
 def _state_layout_argument(state_v_first: bool, kwargs: dict) -> bool:
     """fla's deprecated ``transpose_state_layout``, handled as fla handles it."""
     if "transpose_state_layout" in kwargs:
@@ -137,16 +240,32 @@ def _state_layout_argument(state_v_first: bool, kwargs: dict) -> bool:
 
 def _gate_and_beta(g: Tensor | None, beta: Tensor, gate_in_kernel: bool, A_log: Tensor | None,
                    dt_bias: Tensor | None, beta_sigmoid: bool, neg_eigval: bool) -> tuple[Tensor | None, Tensor]:
-    """fla's in-kernel prologue, in float32: g = -exp(A_log) * softplus(g + dt_bias) (``A_log``,
-    ``dt_bias`` ``[HV]``), beta = sigmoid(beta), times 2 with ``allow_neg_eigval``."""
-    if neg_eigval and not beta_sigmoid:
-        raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
+    """fla's GDN in-kernel prologue, in float32: g = -exp(A_log) * softplus(g + dt_bias)
+    (``A_log``, ``dt_bias`` ``[HV]``), and ``_beta``."""
+    beta = _beta(beta, beta_sigmoid, neg_eigval)
     if gate_in_kernel:
         raw = g.float() + (dt_bias.float() if dt_bias is not None else 0.0)
         g = -A_log.float().exp() * F.softplus(raw)
-    if beta_sigmoid:
-        beta = beta.float().sigmoid() * (2.0 if neg_eigval else 1.0)
     return g, beta
+
+
+def _beta(beta: Tensor, sigmoid: bool, neg_eigval: bool) -> Tensor:
+    """beta = sigmoid(beta) in float32, times 2 with ``allow_neg_eigval`` (which needs the sigmoid)."""
+    if neg_eigval and not sigmoid:
+        raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
+    return beta.float().sigmoid() * (2.0 if neg_eigval else 1.0) if sigmoid else beta
+
+
+def _kda_gate(g: Tensor, A_log: Tensor | None, dt_bias: Tensor | None, lower_bound: float | None) -> Tensor:
+    """fla's KDA in-kernel gate ``[B, T, HV, K]``, in float32, with A = exp(A_log) (HV values; 1
+    without A_log) and dt_bias ``[HV * K]``: -A * softplus(g + dt_bias), or with ``lower_bound``
+    lower_bound * sigmoid(A * (g + dt_bias))."""
+    HV, K = g.shape[-2:]
+    raw = g.float() + (dt_bias.float().reshape(HV, K) if dt_bias is not None else 0.0)
+    A = A_log.float().reshape(HV, 1).exp() if A_log is not None else 1.0
+    if lower_bound is not None:
+        return lower_bound * torch.sigmoid(A * raw)
+    return -A * F.softplus(raw)
 
 
 def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, l2norm, state_v_first):

@@ -1,10 +1,11 @@
-"""``graphdelta.fla``: fla 0.6.0's gated delta rule calls, written as fla's tests write them
+"""``graphdelta.fla``: fla 0.6.0's gated delta rule and KDA calls, written as fla's tests write them
 (their grids' shapes, shrunk), against graphdelta's float64 reference.
 
 Covered: the in-kernel gate (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), the in-kernel
 beta sigmoid and ``allow_neg_eigval``, GVA, ``state_v_first`` and the deprecated
 ``transpose_state_layout``, varlen with empty sequences, ``chunk_size``, ``gk`` and the default
-g and beta of the recurrent form, return dtypes, and what fla refuses.
+g and beta of the recurrent form, KDA's gates (A_log, dt_bias, lower_bound, A = 1 without
+either), return dtypes, and what fla refuses.
 """
 from __future__ import annotations
 
@@ -151,3 +152,69 @@ def test_what_fla_refuses_is_refused():
         chunk(q, k, v, g, beta)
     with torch.no_grad():
         assert chunk(q, k, v, g, beta)[0].shape == v.shape
+
+
+def kda_gate(g_raw, A_log, dt_bias, lower_bound):
+    """The KDA gate as fla's naive gates write it, in float64."""
+    HV, K = g_raw.shape[-2:]
+    raw = g_raw.double() + (dt_bias.double().view(HV, K) if dt_bias is not None else 0)
+    A = A_log.double().view(HV, 1).exp() if A_log is not None else 1
+    return lower_bound * torch.sigmoid(A * raw) if lower_bound is not None else -A * F.softplus(raw)
+
+
+@pytest.mark.parametrize("fn", ["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("B,T,H,HV,dtype,gate,has_A,has_bias,lower_bound,beta_sigmoid,neg_eigval", [
+    (1, 63, 1, 1, torch.float32, False, False, False, None, False, False),
+    (2, 65, 2, 4, torch.float32, True, True, True, None, False, False),
+    (2, 37, 2, 2, torch.float16, True, True, True, -5.0, True, False),
+    (1, 20, 1, 2, torch.float32, True, False, True, -3.0, True, True),
+])
+def test_kda_calls_match_the_reference(fn, B, T, H, HV, dtype, gate, has_A, has_bias, lower_bound, beta_sigmoid,
+                                       neg_eigval):
+    K, V = 8, 16
+    q, k, v, _, beta_raw, h0 = inputs(B, T, H, HV, K, V, dtype, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    g_raw = torch.randn(B, T, HV, K, generator=gen)
+    A_log = torch.log(torch.empty(HV).uniform_(1, 16, generator=gen)) if has_A else None
+    dt_bias = torch.randn(HV * K, generator=gen) if has_bias else None
+    g = kda_gate(g_raw, A_log, dt_bias, lower_bound) if gate else F.logsigmoid(g_raw)
+    beta = beta_raw.sigmoid() * (2 if neg_eigval else 1)
+    ref_o, ref_s = expected(q, k, v, g, beta, h0)
+    options = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                   use_beta_sigmoid_in_kernel=beta_sigmoid, allow_neg_eigval=neg_eigval)
+    if gate:
+        options.update(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound)
+    gate_in, beta_in = (g_raw if gate else g.float()), (beta_raw if beta_sigmoid else beta)
+    if fn == "chunk":
+        o, s = fla.chunk_kda(q, k, v, gate_in, beta_in, safe_gate=lower_bound is not None, **options)
+        assert o.dtype == q.dtype
+    else:
+        o, s = fla.fused_recurrent_kda(q, k, v, gate_in, beta_in, **options)
+        assert o.dtype == v.dtype
+    assert s.dtype == torch.float32
+    assert rel_err(o, ref_o) < TOL[dtype] and rel_err(s, ref_s) < TOL[dtype]
+
+
+def test_kda_refusals_and_defaults():
+    q, k, v, _, beta_raw, h0 = inputs(1, 8, 2, 2, 8, 8)
+    g = F.logsigmoid(torch.randn(1, 8, 2, 8, generator=torch.Generator().manual_seed(7)))
+    beta = beta_raw.sigmoid()
+    with pytest.raises(ValueError, match="`chunk_size` must be either 32 or 64 for KDA, got 16"):
+        fla.chunk_kda(q, k, v, g, beta, chunk_size=16)
+    with pytest.raises(AssertionError, match="initial_state must be in float32"):
+        fla.chunk_kda(q, k, v, g, beta, initial_state=h0.half())
+    with pytest.raises(ValueError, match="`A_log` must be provided when `use_gate_in_kernel=True` and `lower_bound`"):
+        fla.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True)
+    with pytest.raises(ValueError, match="`lower_bound` must be specified when `safe_gate=True`"):
+        fla.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True, A_log=torch.zeros(2), safe_gate=True)
+    with pytest.raises(ValueError, match=r"safe range \[-5, 0\), got -6"):
+        fla.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True, safe_gate=True, lower_bound=-6)
+    with pytest.raises(AssertionError, match="g must have shape"):
+        fla.chunk_kda(q, k, v, g[..., 0], beta)
+    with pytest.raises(NotImplementedError, match="return_intermediate_states"):
+        fla.chunk_kda(q, k, v, g, beta, return_intermediate_states=True)
+    # fla's fused form takes A = 1 when the gate is in the kernel without A_log or lower_bound
+    ref_o, _ = expected(q, k, v, kda_gate(g, None, None, None), beta, h0)
+    o, _ = fla.fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, use_gate_in_kernel=True,
+                                   use_qk_l2norm_in_kernel=True)
+    assert rel_err(o, ref_o) < 1e-4
