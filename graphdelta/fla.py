@@ -1,4 +1,5 @@
-"""fla 0.6.0's gated delta rule and KDA calls, unchanged, on graphdelta's ops (forward only).
+"""fla 0.6.0's calls, unchanged, on graphdelta's ops (forward only): the gated delta rule, KDA,
+the short convolution and the gated RMSNorms.
 
 ``from graphdelta import fla`` in place of ``from fla.ops.gated_delta_rule import ...``: the
 functions here take flash-linear-attention 0.6.0's parameters (names, order, defaults, its
@@ -12,9 +13,12 @@ layout. An empty sequence in ``cu_seqlens`` passes its initial state (or zeros) 
 KDA's ``chunk_kda`` and ``fused_recurrent_kda`` are here too, with fla's in-kernel gates
 (-exp(A_log)·softplus(g + dt_bias), or ``lower_bound``·sigmoid(exp(A_log)·(g + dt_bias))).
 
-Not covered yet: the short convolution and the gated norm under fla's names; a per-value gate
-``gv`` or beta, KDA's ``return_intermediate_states`` and context parallelism (``cp_context``)
-raise ``NotImplementedError`` naming the argument. graphdelta's ops have no backward: a
+``causal_conv1d`` and ``causal_conv1d_update`` keep fla's ``[N, D, W]`` states (the last W
+inputs) and its residual; ``rms_norm_gated`` (fla.modules.fused_norm_gate) and ``rmsnorm_fn``
+(fla.modules.layernorm_gated) keep their bias, residual, prenorm and group options.
+
+Not covered: a per-value gate ``gv`` or beta, KDA's ``return_intermediate_states`` and context
+parallelism (``cp_context``) raise ``NotImplementedError`` naming the argument. graphdelta's ops have no backward: a
 call that would need one raises before any work (fla's ``fused_recurrent`` has none either).
 """
 from __future__ import annotations
@@ -227,6 +231,147 @@ def fused_recurrent_kda(
     return o.to(v.dtype), final
 
 
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool | None = False,
+    activation: str | None = None,
+    backend: str | None = "triton",
+    cu_seqlens: Tensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    cp_context: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """fla's short convolution. x ``[B, T, D]`` (trailing dims flattened into D when they do
+    not match weight), weight ``[D, W]``; ``activation`` "swish"/"silu" is SiLU and any other
+    value none; ``residual`` is added after it. initial_state and the final state are
+    ``[N, D, W]``, the last W inputs oldest first (the first column of an initial state is not
+    read), the final state in x's dtype."""
+    if backend not in ("triton", "cuda", "mix", None):
+        raise ValueError(f"Unsupported backend: {backend}")
+    if cp_context is not None:
+        raise NotImplementedError("cp_context: graphdelta does not run context parallelism")
+    if weight is None:
+        raise ValueError("weight: graphdelta.fla.causal_conv1d needs the depthwise weight [D, W]")
+    shape = x.shape
+    if x.shape[-1] != weight.shape[0]:
+        x = x.flatten(2)
+    if initial_state is None:  # our state holds the S inputs before the prompt: zeros, W of them
+        N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        initial_state = x.new_zeros(N, x.shape[-1], weight.shape[1])
+    _no_grad_needed((x, weight, bias, residual, initial_state))
+    y, final = ops.causal_conv1d(x, weight, bias, initial_state, True, cu_seqlens, _silu_or_none(activation))
+    if residual is not None:
+        y = y + residual.reshape(y.shape)
+    return y.reshape(shape), (final.to(x.dtype) if output_final_state else None)
+
+
+def causal_conv1d_update(
+    x: Tensor,
+    cache: Tensor,
+    residual: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """fla's one-token convolution step: x ``[N, D]``, ``[N, 1, D]`` or ``[1, N, D]`` (one token of
+    each of N sequences), cache ``[N, D, W]`` (``causal_conv1d``'s final state) shifted in place
+    to take the token. Returns ``(y, cache)``, y shaped like x (fla's annotation says a tensor;
+    it returns both)."""
+    if not (x.dim() == 2 or (x.dim() == 3 and 1 in x.shape[:2])):
+        raise ValueError(f"Unsupported input shape: {tuple(x.shape)}")
+    if weight is None:
+        raise ValueError("weight: graphdelta.fla.causal_conv1d_update needs the depthwise weight [D, W]")
+    _no_grad_needed((x, cache, residual, weight, bias))
+    rows = x.reshape(-1, x.shape[-1])
+    y = ops.causal_conv1d_update(rows, cache, weight, bias, None, _silu_or_none(activation))
+    if residual is not None:
+        y = y + residual.reshape(y.shape)
+    return y.view(x.shape), cache
+
+
+def rms_norm_gated(
+    x: Tensor,
+    g: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    activation: str = "swish",
+    residual: Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    eps: float = 1e-6,
+):
+    """fla's fused gated RMSNorm (``fla.modules.fused_norm_gate``): ``x + residual`` normalized
+    over the last dim, times weight, plus bias, times act(g): "swish"/"silu" or "sigmoid", any
+    other value no gate. weight and bias may be None. Returns y in x's dtype, and with
+    ``prenorm`` also ``x + residual`` (in residual's dtype; x, in float32 if
+    ``residual_in_fp32``, without one)."""
+    _no_grad_needed((x, g, weight, bias, residual))
+    h = x.float() + residual.float() if residual is not None else x
+    act = {"swish": "silu", "silu": "silu", "sigmoid": "sigmoid"}.get(activation)
+    y = _norm(h, None if act is None else g, weight, bias, eps, act, True).to(x.dtype)
+    if not prenorm:
+        return y
+    if residual is not None:
+        return y, (x + residual).to(residual.dtype)
+    return y, (x.float() if residual_in_fp32 else x)
+
+
+def rmsnorm_fn(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    z: Tensor | None = None,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+) -> Tensor:
+    """fla's gated RMSNorm (``fla.modules.layernorm_gated``): SiLU(z) gate, before or after the
+    norm, the norm over groups of ``group_size`` channels (None: the last dim), then weight and
+    bias. Returns y in x's dtype."""
+    D = x.shape[-1]
+    G = D if group_size is None else group_size
+    assert D % G == 0
+    _no_grad_needed((x, weight, bias, z))
+    groups = (*x.shape[:-1], D // G, G)
+    y = _norm(x.reshape(groups), None if z is None else z.reshape(groups), weight.reshape(D // G, G),
+              None if bias is None else bias.reshape(D // G, G), eps, "silu", norm_before_gate)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _norm(x: Tensor, gate: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+          activation: str | None, norm_before_gate: bool) -> Tensor:
+    """rmsnorm(x) * weight + bias, gated by act(gate) after the affine part (norm before gate) or
+    before the norm, in float32. The gated norm is graphdelta's op with a unit weight, so that
+    weight and bias (per group, or absent) apply outside it."""
+    xf = x.float()
+    if gate is None:
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        y = ops.gated_rms_norm(xf, gate.float(), xf.new_ones(x.shape[-1]), eps, activation, norm_before_gate)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        act = None if gate is None or not norm_before_gate else (
+            gate.float().sigmoid() if activation == "sigmoid" else F.silu(gate.float()))
+        y = y + (bias.float() * act if act is not None else bias.float())
+    return y
+
+
+def _silu_or_none(activation: str | None) -> str | None:
+    return "silu" if activation in ("swish", "silu") else None  # (fla: any other value is no activation)
+
+
+def _no_grad_needed(tensors) -> None:
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError("graphdelta.fla is inference-only (graphdelta's ops have no backward), and an "
+                           "input requires grad: call it under torch.no_grad() or torch.inference_mode()")
+
+
 def _state_layout_argument(state_v_first: bool, kwargs: dict) -> bool:
     """fla's deprecated ``transpose_state_layout``, handled as fla handles it."""
     if "transpose_state_layout" in kwargs:
@@ -271,10 +416,7 @@ def _kda_gate(g: Tensor, A_log: Tensor | None, dt_bias: Tensor | None, lower_bou
 def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, l2norm, state_v_first):
     """``op`` with sequences of length 0 in ``cu_seqlens`` taken out (their state passes
     through, as in fla); the final state in float32."""
-    tensors = [t for t in (q, k, v, g, beta, initial_state) if isinstance(t, Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError("graphdelta.fla is inference-only (graphdelta's ops have no backward), and an "
-                           "input requires grad: call it under torch.no_grad() or torch.inference_mode()")
+    _no_grad_needed((q, k, v, g, beta, initial_state))
     layout = "vk" if state_v_first else "kv"
     keep = None
     if cu_seqlens is not None and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:

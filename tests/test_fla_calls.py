@@ -5,7 +5,8 @@ Covered: the in-kernel gate (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), th
 beta sigmoid and ``allow_neg_eigval``, GVA, ``state_v_first`` and the deprecated
 ``transpose_state_layout``, varlen with empty sequences, ``chunk_size``, ``gk`` and the default
 g and beta of the recurrent form, KDA's gates (A_log, dt_bias, lower_bound, A = 1 without
-either), return dtypes, and what fla refuses.
+either), the short convolution and its update step (fla's [N, D, W] states), both gated
+RMSNorms, return dtypes, and what fla refuses.
 """
 from __future__ import annotations
 
@@ -218,3 +219,97 @@ def test_kda_refusals_and_defaults():
     o, _ = fla.fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, use_gate_in_kernel=True,
                                    use_qk_l2norm_in_kernel=True)
     assert rel_err(o, ref_o) < 1e-4
+
+
+@pytest.mark.parametrize("T,activation,varlen", [(9, "swish", False), (2, None, False), (9, "relu", True)])
+def test_short_convolution_and_its_update(T, activation, varlen):
+    """fla's conventions: states [N, D, W] of the last W inputs (an initial state's first column
+    unused), the residual after the activation, any activation but swish/silu none; then one
+    update step per sequence continues the same convolution."""
+    D, W = 6, 4
+    gen = torch.Generator().manual_seed(8)
+    B = 1 if varlen else 2
+    x, residual = torch.randn(B, T, D, generator=gen), torch.randn(B, T, D, generator=gen)
+    weight, bias = torch.randn(D, W, generator=gen), torch.randn(D, generator=gen)
+    cu = torch.tensor([0, 3, T]) if varlen else None
+    N = 2
+    h0 = torch.randn(N, D, W, generator=gen)
+    y, final = fla.causal_conv1d(x, weight, bias, residual, h0, True, activation, cu_seqlens=cu)
+    act = "silu" if activation in ("swish", "silu") else None
+    ref_y, _ = reference.causal_conv1d(x.double(), weight.double(), bias.double(), h0[..., 1:].double(), cu, act)
+    assert rel_err(y, ref_y + residual.double()) < 1e-5 and final.dtype == x.dtype and final.shape == (N, D, W)
+    bounds = [(0, 3), (3, T)] if varlen else [(0, T), (0, T)]
+    for n, (lo, hi) in enumerate(bounds):
+        seq = x[0 if varlen else n, lo:hi]
+        assert torch.equal(final[n], torch.cat([h0[n], seq.T], -1)[:, -W:])
+    token = torch.randn(N, D, generator=gen)
+    cache = final.clone()
+    out, same = fla.causal_conv1d_update(token[:, None], cache, None, weight, bias, activation)
+    assert same is cache and out.shape == (N, 1, D)
+    step_ref, _ = reference.causal_conv1d(token[:, None].double(), weight.double(), bias.double(),
+                                          final[..., 1:].double(), None, act)
+    assert rel_err(out, step_ref) < 1e-5 and torch.equal(cache, torch.cat([final[..., 1:], token[..., None]], -1))
+    with pytest.raises(ValueError, match="Unsupported backend"):
+        fla.causal_conv1d(x, weight, backend="cudnn")
+
+
+@pytest.mark.parametrize("activation", ["swish", "sigmoid", "identity"])
+def test_rms_norm_gated(activation):
+    """fla.modules.fused_norm_gate: x + residual, normalized, times weight, plus bias, times act(g);
+    prenorm returns the residual stream too."""
+    gen = torch.Generator().manual_seed(9)
+    x, g, residual = (torch.randn(3, 5, 16, generator=gen) for _ in range(3))
+    weight, bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    h = (x + residual).double()
+    norm = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double() + bias.double()
+    gate = {"swish": F.silu(g.double()), "sigmoid": g.double().sigmoid(), "identity": 1.0}[activation]
+    y, res = fla.rms_norm_gated(x, g, weight, bias, activation, residual, prenorm=True)
+    assert rel_err(y, norm * gate) < 1e-5 and torch.equal(res, x + residual)
+    y = fla.rms_norm_gated(x, g, None, None, activation)
+    plain = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    gate = {"swish": F.silu(g.double()), "sigmoid": g.double().sigmoid()}.get(activation, 1.0)
+    assert rel_err(y, plain * gate) < 1e-5
+
+
+@pytest.mark.parametrize("group_size,norm_before_gate,gated",
+                         [(None, True, True), (4, True, True), (4, False, True), (8, True, False)])
+def test_rmsnorm_fn(group_size, norm_before_gate, gated):
+    """fla.modules.layernorm_gated: a SiLU gate before or after the norm, per group of channels."""
+    gen = torch.Generator().manual_seed(10)
+    x, z = torch.randn(4, 16, generator=gen).half(), torch.randn(4, 16, generator=gen).half()
+    weight, bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    G = group_size or 16
+    xd, zd = x.double(), F.silu(z.double())
+    h = (xd if norm_before_gate or not gated else xd * zd).view(4, 16 // G, G)
+    y = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).view(4, 16) * weight.double() + bias.double()
+    ref = y * zd if gated and norm_before_gate else y
+    out = fla.rmsnorm_fn(x, weight, bias, z if gated else None, group_size=group_size,
+                         norm_before_gate=norm_before_gate)
+    assert out.dtype == x.dtype and rel_err(out, ref) < 2e-3
+
+
+def test_fla_calls_on_the_triton_kernels(monkeypatch):
+    """The same calls with every op on its Triton kernel (the interpreter on CPU)."""
+    monkeypatch.setenv("GRAPHDELTA_BACKEND", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, g_raw, beta_raw, h0 = (t.to(dev) for t in inputs(1, 20, 1, 2, 16, 16, seed=11))
+    A_log = torch.zeros(2, device=dev)
+    ref_o, ref_s = expected(q, k, v, -F.softplus(g_raw), beta_raw.sigmoid(), h0)
+    for fn in (fla.chunk_gated_delta_rule, fla.fused_recurrent_gated_delta_rule):
+        o, s = fn(q, k, v, g_raw, beta=beta_raw, initial_state=h0, output_final_state=True,
+                  use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, use_beta_sigmoid_in_kernel=True)
+        assert rel_err(o.cpu(), ref_o) < 1e-4 and rel_err(s.cpu(), ref_s) < 1e-4
+    gk = F.logsigmoid(g_raw[..., None] + torch.randn(1, 20, 2, 16, device=dev))
+    ref_o, ref_s = expected(q, k, v, gk, beta_raw.sigmoid(), h0)
+    for fn in (fla.chunk_kda, fla.fused_recurrent_kda):
+        o, s = fn(q, k, v, gk, beta_raw.sigmoid(), initial_state=h0, output_final_state=True,
+                  use_qk_l2norm_in_kernel=True)
+        assert rel_err(o.cpu(), ref_o) < 1e-4 and rel_err(s.cpu(), ref_s) < 1e-4
+    x, weight = torch.randn(1, 20, 8, device=dev), torch.randn(8, 4, device=dev)
+    y, _ = fla.causal_conv1d(x, weight, activation="silu")
+    ref_y, _ = reference.causal_conv1d(x.double().cpu(), weight.double().cpu(), None, None, None, "silu")
+    assert rel_err(y.cpu(), ref_y) < 1e-5
+    z = torch.randn(1, 20, 8, device=dev)
+    out = fla.rms_norm_gated(x, z, weight[:, 0], None)
+    ref = reference.gated_rms_norm(x.double().cpu(), z.double().cpu(), weight[:, 0].double().cpu(), 1e-6)
+    assert rel_err(out.cpu(), ref) < 1e-5
