@@ -17,8 +17,9 @@ KDA's ``chunk_kda`` and ``fused_recurrent_kda`` are here too, with fla's in-kern
 inputs) and its residual; ``rms_norm_gated`` (fla.modules.fused_norm_gate) and ``rmsnorm_fn``
 (fla.modules.layernorm_gated) keep their bias, residual, prenorm and group options.
 
-Not covered: a per-value gate ``gv`` or beta, KDA's ``return_intermediate_states`` and context
-parallelism (``cp_context``) raise ``NotImplementedError`` naming the argument. graphdelta's ops have no backward: a
+Not covered: a per-value gate ``gv`` or beta and context parallelism (``cp_context``) raise
+``NotImplementedError`` naming the argument. KDA's ``return_intermediate_states`` runs the op
+chunk by chunk (one call per chunk). graphdelta's ops have no backward: a
 call that would need one raises before any work (fla's ``fused_recurrent`` has none either).
 """
 from __future__ import annotations
@@ -165,8 +166,6 @@ def chunk_kda(
     state_v_first = _state_layout_argument(state_v_first, kwargs)
     if cp_context is not None:
         raise NotImplementedError("cp_context: graphdelta does not run context parallelism")
-    if return_intermediate_states:
-        raise NotImplementedError("return_intermediate_states: graphdelta.fla does not return per-chunk states yet")
     if initial_state is not None:
         assert initial_state.dtype == torch.float32, "initial_state must be in float32."
     A_log, dt_bias = (kwargs.get("A_log"), kwargs.get("dt_bias")) if use_gate_in_kernel else (None, None)
@@ -193,7 +192,36 @@ def chunk_kda(
         g = _kda_gate(g, A_log, dt_bias, lower_bound)
     o, final = _run(ops.chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                     use_qk_l2norm_in_kernel, state_v_first)
-    return o.to(q.dtype), final
+    if not return_intermediate_states:
+        return o.to(q.dtype), final
+    assert torch.is_inference_mode_enabled(), "return_intermediate_states is only allowed in inference mode"
+    assert not disable_recompute, "return_intermediate_states must be used with disable_recompute=False"
+    h = _chunk_start_states(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
+                            "vk" if state_v_first else "kv", chunk_size)
+    return o.to(q.dtype), final, h.to(k.dtype)
+
+
+def _chunk_start_states(q, k, v, g, beta, scale, initial_state, cu_seqlens, l2norm, layout, C) -> Tensor:
+    """The state at the start of every chunk of C tokens, ``[B, NT, HV, K, V]`` (``[.., V, K]``
+    for vk; varlen: B = 1 and NT the chunks of all sequences), as fla's
+    ``return_intermediate_states`` gives it: the op run chunk by chunk from the initial state."""
+    B, T, HV, V = v.shape
+    K = q.shape[-1]
+    shape = (HV, K, V) if layout == "kv" else (HV, V, K)
+    rows = [(slice(None), 0, T)] if cu_seqlens is None else [
+        (slice(0, 1), int(lo), int(hi)) for lo, hi in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    per_row = []
+    for n, (batch, lo, hi) in enumerate(rows):
+        width = B if cu_seqlens is None else 1
+        state = (initial_state.float() if cu_seqlens is None else initial_state[n:n + 1].float()) \
+            if initial_state is not None else torch.zeros(width, *shape, device=v.device)
+        starts = []
+        for start in range(lo, hi, C):
+            starts.append(state)
+            part = [t[batch, start:min(start + C, hi)] for t in (q, k, v, g, beta)]
+            _, state = ops.chunk_kda(*part, scale, state, True, None, l2norm, layout)
+        per_row.append(torch.stack(starts, 1) if starts else v.new_zeros(width, 0, *shape))
+    return torch.cat(per_row, 1)
 
 
 def fused_recurrent_kda(

@@ -212,7 +212,7 @@ def test_kda_refusals_and_defaults():
         fla.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True, safe_gate=True, lower_bound=-6)
     with pytest.raises(AssertionError, match="g must have shape"):
         fla.chunk_kda(q, k, v, g[..., 0], beta)
-    with pytest.raises(NotImplementedError, match="return_intermediate_states"):
+    with pytest.raises(AssertionError, match="only allowed in inference mode"):
         fla.chunk_kda(q, k, v, g, beta, return_intermediate_states=True)
     # fla's fused form takes A = 1 when the gate is in the kernel without A_log or lower_bound
     ref_o, _ = expected(q, k, v, kda_gate(g, None, None, None), beta, h0)
@@ -313,3 +313,83 @@ def test_fla_calls_on_the_triton_kernels(monkeypatch):
     out = fla.rms_norm_gated(x, z, weight[:, 0], None)
     ref = reference.gated_rms_norm(x.double().cpu(), z.double().cpu(), weight[:, 0].double().cpu(), 1e-6)
     assert rel_err(out.cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_kda_intermediate_states(varlen):
+    """``return_intermediate_states``: the state at the start of each chunk, [B, NT, HV, K, V] in
+    k's dtype (varlen: B = 1, the chunks of every sequence in order), from the reference."""
+    q, k, v, _, beta_raw, h0 = inputs(2, 70, 1, 2, 8, 8, torch.float16, seed=12)
+    g = F.logsigmoid(torch.randn(2, 70, 2, 8, generator=torch.Generator().manual_seed(13)))
+    beta = beta_raw.sigmoid()
+    cu = torch.tensor([0, 70, 100]) if varlen else None
+    if varlen:  # one packed row: 70 + 30 tokens
+        q, k, v, g, beta = (torch.cat([x[:1], x[1:, :30]], 1) for x in (q, k, v, g, beta))
+    with torch.inference_mode():
+        o, s, h = fla.chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                return_intermediate_states=True, use_qk_l2norm_in_kernel=True, chunk_size=32)
+    assert h.dtype == k.dtype and h.shape == ((1, 3 + 1, 2, 8, 8) if varlen else (2, 3, 2, 8, 8))
+    sequences = [(0, 0, 70), (0, 70, 100)] if varlen else [(0, 0, 70), (1, 0, 70)]
+    column = 0
+    for n, (row, lo, hi) in enumerate(sequences):
+        for start in range(lo, hi, 32):
+            want = h0[n:n + 1].double() if start == lo else expected(
+                *(x[row:row + 1, lo:start] for x in (q, k, v, g, beta)), h0[n:n + 1])[1]
+            got = h[0, column] if varlen else h[row, column % 3]
+            assert rel_err(got, want[0]) < 5e-3, (n, start)
+            column += 1
+
+
+FLA_FUNCTIONS = {
+    "fla.ops.gated_delta_rule": ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"),
+    "fla.ops.kda": ("chunk_kda", "fused_recurrent_kda"),
+    "fla.modules.convolution": ("causal_conv1d", "causal_conv1d_update"),
+    "fla.modules.fused_norm_gate": ("rms_norm_gated",),
+    "fla.modules.layernorm_gated": ("rmsnorm_fn",),
+}
+
+
+@pytest.mark.parametrize("module", sorted(FLA_FUNCTIONS))
+def test_signatures_are_fla_s(module):
+    """Where fla is installed: every function's parameters (names, order, defaults) are fla's."""
+    import importlib
+    import inspect
+
+    pytest.importorskip("fla")
+    theirs = importlib.import_module(module)
+    for name in FLA_FUNCTIONS[module]:
+        want = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(theirs, name)).parameters.values()]
+        got = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(fla, name)).parameters.values()]
+        assert got == want, name
+
+
+def test_against_fla_s_own_references():
+    """Where fla is installed: graphdelta.fla's calls against fla's PyTorch references (its naive
+    recurrences, GVA by repeating q and k as its tests do, and its naive gates), within fla's
+    test tolerances (0.002-0.005 relative)."""
+    pytest.importorskip("fla")
+    from fla.ops.gated_delta_rule.gate import naive_gdn_gate
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate
+    from fla.ops.kda.naive import naive_recurrent_kda
+
+    q, k, v, g_raw, beta_raw, h0 = inputs(2, 40, 2, 4, 16, 16, seed=14)
+    rq, rk = (F.normalize(x, dim=-1).repeat_interleave(2, dim=2) for x in (q, k))
+    A_log, dt_bias = torch.randn(4), torch.randn(4)
+    g, beta = naive_gdn_gate(g_raw, A_log, dt_bias), beta_raw.sigmoid()
+    ref_o, ref_s = naive_recurrent_gated_delta_rule(rq, rk, v, beta, g, initial_state=h0, output_final_state=True)
+    for fn in (fla.chunk_gated_delta_rule, fla.fused_recurrent_gated_delta_rule):
+        o, s = fn(q, k, v, g_raw, beta=beta_raw, initial_state=h0, output_final_state=True,
+                  use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+                  use_beta_sigmoid_in_kernel=True)
+        assert rel_err(o, ref_o) < 2e-3 and rel_err(s, ref_s) < 2e-3
+    gk_raw = torch.randn(2, 40, 4, 16, generator=torch.Generator().manual_seed(15))
+    kda_bias = torch.randn(4 * 16)
+    for lower_bound in (None, -5.0):
+        gk = (naive_kda_gate(gk_raw, A_log, kda_bias) if lower_bound is None
+              else naive_kda_lowerbound_gate(gk_raw, A_log, kda_bias, lower_bound))
+        ref_o, ref_s = naive_recurrent_kda(rq, rk, v, gk, beta, initial_state=h0, output_final_state=True)
+        for fn in (fla.chunk_kda, fla.fused_recurrent_kda):
+            o, s = fn(q, k, v, gk_raw, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                      use_gate_in_kernel=True, A_log=A_log, dt_bias=kda_bias, lower_bound=lower_bound)
+            assert rel_err(o, ref_o) < 2e-3 and rel_err(s, ref_s) < 2e-3, (fn.__name__, lower_bound)
