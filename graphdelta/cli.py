@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra  # bench: passed on to the benchmark script
     from graphdelta import progress
 
-    shown = progress._shown
+    shown = progress.setting()
     try:
         return args.fn(args)
     finally:  # (commands turn progress on; an in-process caller gets its setting back)

@@ -202,8 +202,8 @@ class CompiledModel(nn.Module):
                     "model, uncompiled. Call the model under torch.no_grad() or "
                     "torch.inference_mode() to run the compiled graphs.", stacklevel=2)
             return self.model(*args, **kwargs)
+        kind = call_class(args, kwargs)  # (the lazy probe's key, and the progress line's)
         if self._lazy:
-            kind = call_class(args, kwargs)
             if kind not in self._calls_seen:
                 self._calls_seen.add(kind)
                 return self._probe_with(args, kwargs)
@@ -218,11 +218,11 @@ class CompiledModel(nn.Module):
             own_positions = self._signature.bind_partial(*args, **kwargs).arguments.get("position_ids") is None
         except TypeError:  # let the model's own call raise it
             own_positions = False
-        kind = call_class(args, kwargs)
         first = kind not in self._kinds_run  # most likely compiles: say so before going silent
-        how_long = " (inductor: about a minute on CPU for the tiny model)" if self._backend == "inductor" else ""
-        shown = (progress.phase(f"compiling the first call of this kind{how_long}") if first
-                 else contextlib.nullcontext())
+        shown = contextlib.nullcontext()
+        if first:
+            how_long = " (inductor: about a minute on CPU for the tiny model)" if self._backend == "inductor" else ""
+            shown = progress.phase(f"compiling the first call of this kind{how_long}")
         # specialize_float: the models' float arguments are constants (scales, eps); traced as
         # tensors they made inductor give up on the first graph and Dynamo trace it again
         # (TensorifyScalarRestartAnalysis: 70 s -> 49 s for the demo's first call, cold).

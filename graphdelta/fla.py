@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphdelta import ops
+from graphdelta.lowering.contract import state_shape
 
 
 def chunk_gated_delta_rule(
@@ -206,21 +207,21 @@ def _chunk_start_states(q, k, v, g, beta, scale, initial_state, cu_seqlens, l2no
     for vk; varlen: B = 1 and NT the chunks of all sequences), as fla's
     ``return_intermediate_states`` gives it: the op run chunk by chunk from the initial state."""
     B, T, HV, V = v.shape
-    K = q.shape[-1]
-    shape = (HV, K, V) if layout == "kv" else (HV, V, K)
-    rows = [(slice(None), 0, T)] if cu_seqlens is None else [
-        (slice(0, 1), int(lo), int(hi)) for lo, hi in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    shape = state_shape(B if cu_seqlens is None else 1, HV, q.shape[-1], V, layout)
+    if cu_seqlens is None:  # (rows of the batch, time span, their initial states)
+        rows = [(slice(None), 0, T, slice(None))]
+    else:
+        bounds = cu_seqlens.tolist()
+        rows = [(slice(0, 1), lo, hi, slice(n, n + 1)) for n, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
     per_row = []
-    for n, (batch, lo, hi) in enumerate(rows):
-        width = B if cu_seqlens is None else 1
-        state = (initial_state.float() if cu_seqlens is None else initial_state[n:n + 1].float()) \
-            if initial_state is not None else torch.zeros(width, *shape, device=v.device)
+    for batch, lo, hi, seq in rows:
+        state = initial_state[seq].float() if initial_state is not None else torch.zeros(shape, device=v.device)
         starts = []
         for start in range(lo, hi, C):
             starts.append(state)
             part = [t[batch, start:min(start + C, hi)] for t in (q, k, v, g, beta)]
             _, state = ops.chunk_kda(*part, scale, state, True, None, l2norm, layout)
-        per_row.append(torch.stack(starts, 1) if starts else v.new_zeros(width, 0, *shape))
+        per_row.append(torch.stack(starts, 1) if starts else v.new_zeros(shape[0], 0, *shape[1:]))
     return torch.cat(per_row, 1)
 
 

@@ -32,6 +32,11 @@ def show(on: bool | None) -> None:
     _shown = on
 
 
+def setting() -> bool | None:
+    """What ``show`` last set."""
+    return _shown
+
+
 def _mode() -> str | None:
     """'bar' (a terminal), 'lines', or None (off)."""
     env = os.environ.get("GRAPHDELTA_PROGRESS")
