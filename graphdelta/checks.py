@@ -214,8 +214,10 @@ def check_gated_norm(x, gate, weight, eps, activation) -> None:
         raise ValueError(f"gate must have x's shape {list(x.shape)}, got {list(gate.shape)}")
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [D] = [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
-    if not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    # eps = 0 is a plain RMSNorm (torch's nn.RMSNorm and fla's tests allow it): an all-zero row
+    # then gives inf/nan, as it does there.
+    if not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
     if activation not in NORM_ACTIVATIONS:
         raise ValueError(f"activation must be one of {NORM_ACTIVATIONS}, got {activation!r}")
     for name, t in (("gate", gate), ("weight", weight)):

@@ -279,7 +279,7 @@ def causal_conv1d(
     not match weight), weight ``[D, W]``; ``activation`` "swish"/"silu" is SiLU and any other
     value none; ``residual`` is added after it. initial_state and the final state are
     ``[N, D, W]``, the last W inputs oldest first (the first column of an initial state is not
-    read), the final state in x's dtype."""
+    read), the final state in x's dtype; an empty sequence in ``cu_seqlens`` keeps its state."""
     if backend not in ("triton", "cuda", "mix", None):
         raise ValueError(f"Unsupported backend: {backend}")
     if cp_context is not None:
@@ -293,7 +293,14 @@ def causal_conv1d(
         N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         initial_state = x.new_zeros(N, x.shape[-1], weight.shape[1])
     _no_grad_needed((x, weight, bias, residual, initial_state))
-    y, final = ops.causal_conv1d(x, weight, bias, initial_state, True, cu_seqlens, _silu_or_none(activation))
+    keep, cu_kept = _nonempty(cu_seqlens)
+    if keep is not None and not keep:  # no tokens at all: every state passes through
+        y, final = x.new_zeros(x.shape), initial_state
+    else:
+        h0 = initial_state if keep is None else initial_state[keep]
+        y, final = ops.causal_conv1d(x, weight, bias, h0, True, cu_kept, _silu_or_none(activation))
+        if keep is not None:  # an empty sequence keeps its state, as in fla
+            final = initial_state.to(final.dtype).index_copy(0, torch.tensor(keep, device=x.device), final)
     if residual is not None:
         y = y + residual.reshape(y.shape)
     return y.reshape(shape), (final.to(x.dtype) if output_final_state else None)
@@ -442,20 +449,28 @@ def _kda_gate(g: Tensor, A_log: Tensor | None, dt_bias: Tensor | None, lower_bou
     return -A * F.softplus(raw)
 
 
+def _nonempty(cu_seqlens: Tensor | None) -> tuple[list[int] | None, Tensor | None]:
+    """The indices of the sequences in ``cu_seqlens`` that hold tokens, and ``cu_seqlens``
+    without the empty ones; ``(None, cu_seqlens)`` when none is empty."""
+    if cu_seqlens is None or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        return None, cu_seqlens
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    empty = (lengths == 0).tolist()
+    if not any(empty):
+        return None, cu_seqlens
+    keep = [i for i, e in enumerate(empty) if not e]
+    return keep, torch.cat([cu_seqlens[:1], cu_seqlens[1:][lengths != 0]])
+
+
 def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, l2norm, state_v_first):
     """``op`` with sequences of length 0 in ``cu_seqlens`` taken out (their state passes
     through, as in fla); the final state in float32."""
     _no_grad_needed((q, k, v, g, beta, initial_state))
     layout = "vk" if state_v_first else "kv"
-    keep = None
-    if cu_seqlens is not None and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        empty = (lengths == 0).tolist()
-        if any(empty):
-            keep = [i for i, e in enumerate(empty) if not e]
-            cu_seqlens = torch.cat([cu_seqlens[:1], cu_seqlens[1:][lengths != 0]])
-            if not keep:  # nothing to run: no tokens
-                return _all_empty(q, v, initial_state, output_final_state, len(empty), layout)
+    n = None if cu_seqlens is None else cu_seqlens.numel() - 1
+    keep, cu_seqlens = _nonempty(cu_seqlens)
+    if keep is not None and not keep:  # nothing to run: no tokens
+        return _all_empty(q, v, initial_state, output_final_state, n, layout)
     h0 = initial_state[keep] if keep is not None and initial_state is not None else initial_state
     o, final = op(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, l2norm, layout)
     if not output_final_state:
@@ -463,7 +478,7 @@ def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     final = final.float()
     if keep is not None:
         full = (initial_state.float().clone() if initial_state is not None
-                else final.new_zeros(len(empty), *final.shape[1:]))
+                else final.new_zeros(n, *final.shape[1:]))
         full[keep] = final
         final = full
     return o, final

@@ -27,6 +27,7 @@ from .varlen import Packing, pad_to_multiple
 
 SUBCHUNK = 16
 SCAN_GROUP = 16  # chunks whose outputs are computed together after the scan (see the scan)
+GRAM_BYTES = 256 << 20  # bound on a per-channel gram's largest temporary (_per_channel_grams)
 
 
 def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:
@@ -112,6 +113,24 @@ def decayed_gram(a: torch.Tensor, b: torch.Tensor, G: torch.Tensor, strict: bool
     M = M.unflatten(-2, (nb, bs)).unflatten(-1, (nb, bs)).clone()  # [..., nb, bs, nb, bs]
     torch.diagonal(M, dim1=-4, dim2=-2).add_(diag.movedim(-3, -1))
     return M.flatten(-4, -3).flatten(-2, -1)
+
+
+def _per_channel_grams(qc: torch.Tensor, kc: torch.Tensor, G: torch.Tensor,
+                       bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDA's ``A = beta * decayed_gram(k, k)`` (strict) and ``P = decayed_gram(q, k)``, chunk-major
+    (dim 0: chunks), a group of chunks at a time: ``decayed_gram``'s temporaries hold K values
+    per (row, column) pair of a 16-row sub-chunk, 16x more than its result, which at 8192
+    tokens of 96 heads would be tens of GB at once."""
+    per_chunk = G[:1].numel() * SUBCHUNK * G.element_size()  # the [.., nb, bs, bs, K] temporary
+    step = max(1, GRAM_BYTES // max(per_chunk, 1))
+    NC, C = G.shape[0], G.shape[-2]
+    shape = (NC, *torch.broadcast_shapes(qc.shape[1:-1], G.shape[1:-1]), C)
+    A, P = G.new_empty(shape), G.new_empty(shape)
+    for s in range(0, NC, step):
+        c = slice(s, s + step)
+        torch.mul(decayed_gram(kc[c], kc[c], G[c], strict=True), bc[c].unsqueeze(-1), out=A[c])
+        P[c] = decayed_gram(qc[c], kc[c], G[c], strict=False)
+    return A, P
 
 
 def unit_lower_inverse_(A: torch.Tensor) -> torch.Tensor:
@@ -202,8 +221,7 @@ def chunk_gated_delta_rule(
     expG = decay(G if per_channel else G.unsqueeze(-1))
 
     if per_channel:
-        A = decayed_gram(kc, kc, G, strict=True) * bc.unsqueeze(-1)
-        P = decayed_gram(qc, kc, G, strict=False)
+        A, P = _per_channel_grams(qc, kc, G, bc)
     else:  # one decay matrix for both; A's diagonal is never read (unit_lower_inverse_)
         D = causal_decay(G)
         A = (kc @ kc.transpose(-1, -2)).mul(D).mul_(bc.unsqueeze(-1))

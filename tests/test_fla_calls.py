@@ -269,6 +269,10 @@ def test_rms_norm_gated(activation):
     plain = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     gate = {"swish": F.silu(g.double()), "sigmoid": g.double().sigmoid()}.get(activation, 1.0)
     assert rel_err(y, plain * gate) < 1e-5
+    # eps = 0, as fla's own test writes it (torch's nn.RMSNorm(eps=0) beside FusedRMSNormGated(eps=0))
+    y = fla.rms_norm_gated(x, g, weight, None, activation, eps=0)
+    bare = torch.nn.functional.rms_norm(x.double(), (16,), weight.double(), eps=0)
+    assert rel_err(y, bare * gate) < 1e-5
 
 
 @pytest.mark.parametrize("group_size,norm_before_gate,gated",

@@ -84,7 +84,8 @@ def test_gated_rms_norm_op_passes_opcheck():
 @pytest.mark.parametrize("bad, message", [
     (dict(gate=torch.randn(4, 9)), "gate must have x's shape"),
     (dict(weight=torch.rand(9)), "weight must be"),
-    (dict(eps=0.0), "eps must be a positive"),
+    (dict(eps=-1e-6), "eps must be a non-negative"),
+    (dict(eps=float("nan")), "eps must be a non-negative"),
     (dict(activation="relu"), "activation must be one of"),
     (dict(x=torch.randn(4, 8).long()), "x has dtype"),
 ])

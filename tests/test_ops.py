@@ -41,6 +41,17 @@ def test_long_prompt_crosses_scan_groups(layout, per_channel, seqlens):
     check(gd.chunk_gated_delta_rule, spec.build())
 
 
+def test_per_channel_grams_in_groups_of_chunks(monkeypatch):
+    """KDA's gram matrices bounded to one chunk at a time (GRAM_BYTES: their temporaries hold K
+    values per pair of rows) give the reference answer, from a stored state, packed."""
+    from graphdelta.lowering import torch_chunk
+
+    monkeypatch.setattr(torch_chunk, "GRAM_BYTES", 1)
+    spec = ProblemSpec(T=300, H=2, group=2, K=16, V=8, per_channel_gate=True, gate="mild",
+                       initial_state=True, seqlens=(130, 170), seed=7)
+    check(gd.chunk_kda, spec.build())
+
+
 @given(problem_specs())
 def test_recurrent_matches_reference(spec):
     check(gd.recurrent_gated_delta_rule, spec.build())
