@@ -16,6 +16,7 @@ Writes ``prefill_<family>_<config>.json``, ``.md`` and ``.png`` to the results f
 (``common.results_dir()``).
 
     python benchmarks/prefill.py --config tiny
+    python benchmarks/prefill.py --config embedded --rounds 7   # the shipped trained checkpoint
     python benchmarks/prefill.py --config mid --lengths 512 --rounds 5
     python benchmarks/prefill.py --family olmo_hybrid --modes eager,torch_compile,graphdelta
     python benchmarks/prefill.py --config realistic --lengths 2048 8192 --modes eager,torch_compile,graphdelta
@@ -48,7 +49,11 @@ def measure(family: str, config: str, lengths: list[int], rounds: int, names: li
     import models
     from graphdelta.runtime.layers import text_config
 
-    if family in models.NEWER_FAMILIES:  # hybrids graphdelta has no code for: the tiny size only
+    if config == "embedded":  # the shipped trained checkpoint: its gates are steep, as trained models' are
+        if family != "qwen3_next":
+            raise SystemExit(f"--config embedded is the shipped Qwen3-Next; got --family {family}")
+        model = graphdelta.assets.load_default_model(dtype, device)[0]
+    elif family in models.NEWER_FAMILIES:  # hybrids graphdelta has no code for: the tiny size only
         if config != "tiny":
             raise SystemExit(f"--family {family} has the tiny config only")
         model = models.build_newer(family, layers=CONFIGS[config]["layers"]).to(device, dtype)
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", default="qwen3_next",
                         help="a tests/models.py family; the later ones (NEWER_FAMILIES) at the tiny size")
-    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--config", default="tiny", choices=sorted([*CONFIGS, "embedded"]),
+                        help="embedded: the shipped trained tiny Qwen3-Next (random weights otherwise)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--modes", default="eager,graphdelta",

@@ -35,24 +35,36 @@ def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:
 
 
 def gate_floor(dtype: torch.dtype) -> float:
-    """The lowest log-decay the chunked op works with: exp(-80) = 1.8e-35 in float32 (exp(-700)
-    in float64) is as good as 0 next to any O(1) term, and it is the smallest normal-range value
-    (see ``decay``). Used for a single token's g and for an exponent of ``decay`` alike."""
+    """The lowest log-decay of a single token the chunked op works with (-80 in float32, -700 in
+    float64): g = -inf would make the chunk's differences of cumulative sums -inf - (-inf), and
+    exp of it is 0 in ``decay`` anyway (below ``decay_cutoff``)."""
     return -700.0 if dtype == torch.float64 else -80.0
 
 
-def decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``exp(x)`` for log-decays ``x <= 0``; with ``mask``, exactly 0 where it is False.
+def decay_cutoff(dtype: torch.dtype) -> float:
+    """The log-decay below which ``decay`` gives exactly 0: -30 in float32 (exp(-30) = 9.4e-14,
+    seven orders of magnitude below float32's resolution next to the undecayed terms of every
+    output), the gate floor in float64."""
+    return gate_floor(dtype) if dtype == torch.float64 else -30.0
 
-    The exponent is floored where the result would be subnormal (below exp(-80) = 1.8e-35 in
-    float32): x86 computes those an order of magnitude slower, steep gates push most of a chunk
-    there (Qwen3-Next prefill: 2.8x slower decay matrices), and no sum of O(1) terms can see
-    them. Masked entries go through exp(0) and are zeroed after: exp(-inf) is a slow path too.
+
+def decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(x)`` for log-decays ``x <= 0``: exactly 0 below ``decay_cutoff`` and, with ``mask``,
+    where it is False.
+
+    Why not a floored exp(-80) = 1.8e-35: x86 runs arithmetic on subnormal floats through a
+    microcode assist, 10-100x slower, and the products of such a decay with the q, k, beta and
+    state values of the chunk land in the subnormal range (below 1.2e-38). With steep gates
+    (Qwen3-Next's A = exp(A_log) of ~7 gives g ~ -10 per token) most decays of a chunk did, and
+    the op ran 14x slower at 1 thread (``benchmarks/ops_cpu.py --gate-scale 10``; BENCHMARKS.md).
+    Above the cutoff a decay is >= 9.4e-14, and products of two of them with O(1e-6) values
+    stay normal; below it, 0 makes every product exactly 0, at full speed. Cut entries go
+    through exp(0) and are zeroed after: exp(-inf) is a slow path too.
     """
-    floor = gate_floor(x.dtype)
-    if mask is None:
-        return x.clamp_min(floor).exp()
-    return torch.where(mask, x.clamp_min(floor), 0.0).exp_().mul_(mask)
+    keep = x >= decay_cutoff(x.dtype)
+    if mask is not None:
+        keep = keep & mask
+    return torch.where(keep, x, 0.0).exp_().mul_(keep)
 
 
 def _before_sub_chunk(C: int, bs: int, device) -> torch.Tensor:

@@ -397,9 +397,10 @@ def _compiled_step(forward: Callable, options: dict | None) -> Callable:
     from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
 
     compiled = torch.compile(forward, dynamic=False, options=options)
+    limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable: made once, not per token
 
     def step(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with limit:
             return compiled(*args, **kwargs)
 
     return step
