@@ -28,6 +28,12 @@ def test_chunk_varlen_prefill(q):
     assert_close('o', ref, tri, 0.005)
     assert_close('dq', ref, tri, 0.005)
 
+def test_named_by_an_fstring(q, chunk_size):
+    o = chunk_gated_delta_rule(q)
+    o.sum().backward()
+    assert_close(f'o@{chunk_size}', o, o, 0.005)
+    assert_close(f'dq@{chunk_size}', q.grad, q.grad, 0.005)
+
 def test_grads(q):
     def ref_func(x):
         return chunk_gated_delta_rule(x)
@@ -42,18 +48,21 @@ def test_grads(q):
 def test_the_rewrite_routes_each_call():
     tree = ast.parse(tool.rewrite(SOURCE))
     calls = [ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call) and "chunk_gated" in ast.unparse(n.func)]
-    # test_chunk_varlen_prefill: tri (ours), ref (oracle), "y, ref_cache" (oracle); test_grads: ref_func, triton_func
+    # test_chunk_varlen_prefill: tri (ours), ref (oracle), "y, ref_cache" (oracle); the f-string
+    # test: o (ours); test_grads: ref_func (oracle), triton_func (ours)
     assert calls == ["_gd_harness.ours_chunk_gated_delta_rule", "_gd_harness.oracle_chunk_gated_delta_rule",
-                     "_gd_harness.oracle_chunk_gated_delta_rule", "_gd_harness.oracle_chunk_gated_delta_rule",
-                     "_gd_harness.ours_chunk_gated_delta_rule"]
+                     "_gd_harness.oracle_chunk_gated_delta_rule", "_gd_harness.ours_chunk_gated_delta_rule",
+                     "_gd_harness.oracle_chunk_gated_delta_rule", "_gd_harness.ours_chunk_gated_delta_rule"]
     tests = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert not tests["test_chunk_varlen_prefill"].decorator_list  # compares 'o': a forward test
+    assert not tests["test_named_by_an_fstring"].decorator_list  # f'o@{chunk_size}' too
     assert tool.GRADIENTS_ONLY in ast.unparse(tests["test_grads"].decorator_list[0])
     assert all(ast.unparse(n.func) == "_gd_harness.assert_close"
                for n in ast.walk(tree) if isinstance(n, ast.Call) and "assert_close" in ast.unparse(n.func))
 
 
 @pytest.mark.parametrize("name, gradient", [("dq", True), (" dx", True), ("dh0", True), ("dA_log", True),
+                                            ("dq@16", True),
                                             ("o", False), (" y", False), ("ht", False),
                                             ("decode y with non-contiguous x", False), ("o@16", False)])
 def test_gradient_names(name, gradient):
