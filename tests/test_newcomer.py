@@ -44,7 +44,7 @@ def output(argv):
 for command in ([], ["generate"], ["explain"], ["bench"], ["fuzz"]):
     assert "usage:" in output([*command, "--help"]), command
 bench = output(["bench", "--help"])
-assert "--out" in bench and "ops      --lengths --repeats" in bench, bench  # each script's options
+assert "--out" in bench and "ops      --gate-scale --lengths --repeats" in bench, bench  # each script's options
 script = output(["bench", "ops", "--help"])
 assert "--lengths LENGTHS" in script and "--gpu" not in script, script  # the script's own help
 assert output(["--version"]).startswith("graphdelta 0.1.0 (Python 3.")

@@ -1,6 +1,6 @@
 """The graph pass that hands the gated RMSNorm its gate unflattened (``passes/norm_gate.py``):
 rewritten where the gate is a reshape of a tensor holding whole rows, left alone otherwise,
-and the same numbers either way."""
+and the same numbers either way (to the last bit or so)."""
 from __future__ import annotations
 
 import pytest
@@ -45,4 +45,6 @@ def test_norm_gate_rewrite(fn, shapes, rewritten):
     compiled = torch.compile(fn, backend=log, fullgraph=True)
     out = compiled(*args)
     assert [r.norm_gates for r in log.graphs] == [rewritten]
-    assert torch.equal(out, fn(*args))  # the same rows in the same order: bit-identical
+    # The same rows in the same order. Not bit-identical on every CPU: a strided gate can take
+    # another vectorization of SiLU than a contiguous one (1 ulp apart on some x86 machines).
+    torch.testing.assert_close(out, fn(*args), rtol=1e-6, atol=1e-7)
