@@ -1,0 +1,74 @@
+"""Where a decoded token's time goes, end to end, on the shipped tiny Qwen3-Next (batch 1, CPU):
+``graphdelta.generate`` per token, ``Runner.decode`` per step (no sampling, no streaming), and
+the compiled step alone (``Runner._run``: no validation, no cache bookkeeping). The
+differences are the per-token overhead of generate and of the runner around the step.
+
+    python benchmarks/token_overhead.py [--tokens 200] [--rounds 5] [--threads 2]
+
+Each round times the three in turn; the table gives medians of the rounds. Writes
+token_overhead.{json,md} to the results folder (``common.results_dir()``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from common import write_results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import graphdelta
+    from graphdelta.runtime.generate import generate, runner_for
+
+    model, tokenizer = graphdelta.assets.load_default_model()
+    compiled = graphdelta.compile(model)
+    ids = tokenizer("import os\n\n\ndef ", return_tensors="pt").input_ids
+    N = args.tokens
+    runner = runner_for(compiled, max_seqs=1, max_len=ids.shape[1] + N + 1, compile_steps=True)
+    generate(compiled, ids, max_new_tokens=N, eos_token_id=[], runner=runner)  # compiles the steps
+    times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "compiled step": []}
+    with torch.no_grad():  # as the runner's steps run (Dynamo guards on grad mode)
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            generate(compiled, ids, max_new_tokens=N, eos_token_id=[], runner=runner)
+            times["generate"].append((time.perf_counter() - start) / N)
+
+            slot = runner.allocate()
+            runner.prefill([slot], [ids[0].tolist()])
+            token = [int(ids[0, -1])]
+            start = time.perf_counter()
+            for _ in range(N - 1):
+                runner.decode([slot], token)
+            times["Runner.decode"].append((time.perf_counter() - start) / (N - 1))
+            position = runner.cache.length(slot)
+            runner.free(slot)
+
+            # The step on a free slot's rows, at the window of the last decode: what the runner
+            # calls, without its checks and bookkeeping (the slot's state is scratch now).
+            tokens, slots, starts = torch.tensor([token]), torch.tensor([slot]), torch.tensor([position - 1])
+            window = runner._window(position)
+            start = time.perf_counter()
+            for _ in range(N):
+                runner._run(tokens, slots, starts, window, False)
+            times["compiled step"].append((time.perf_counter() - start) / N)
+    rows = [{"what": name, "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": 1 / statistics.median(t)}
+            for name, t in times.items()]
+    for row in rows:
+        print(row, flush=True)
+    command = "python benchmarks/token_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(write_results("token_overhead", rows, ["what", "ms_per_token", "tokens_per_s"], command.strip()))
+
+
+if __name__ == "__main__":
+    main()
