@@ -44,8 +44,8 @@ def main(argv=None) -> None:
         o1, s1 = gd.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
         o2, s2 = transformers_chunk(q, k, v, g, beta, **kw)
         err = ((o1 - o2).norm() / o2.norm()).item()
-        rows.append({"T": T, "gate_scale": args.gate_scale, "transformers_s": theirs, "graphdelta_s": ours, "speedup": theirs / ours,
-                     "tokens_per_s": T / ours, "rel_diff": err})
+        rows.append({"T": T, "gate_scale": args.gate_scale, "transformers_s": theirs, "graphdelta_s": ours,
+                     "speedup": theirs / ours, "tokens_per_s": T / ours, "rel_diff": err})
         print(rows[-1], flush=True)
 
     def plot(path):
@@ -63,8 +63,8 @@ def main(argv=None) -> None:
 
     command = "python benchmarks/ops_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     name = "ops_cpu" if args.gate_scale == 1 else f"ops_cpu_gate{args.gate_scale:g}"
-    md = write_results(name, rows, ["T", "gate_scale", "transformers_s", "graphdelta_s", "speedup", "tokens_per_s",
-                                         "rel_diff"], command.strip(), plot)
+    md = write_results(name, rows, ["T", "gate_scale", "transformers_s", "graphdelta_s", "speedup",
+                                    "tokens_per_s", "rel_diff"], command.strip(), plot)
     print(md)
 
 

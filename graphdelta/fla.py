@@ -300,7 +300,7 @@ def causal_conv1d(
         h0 = initial_state if keep is None else initial_state[keep]
         y, final = ops.causal_conv1d(x, weight, bias, h0, True, cu_kept, _silu_or_none(activation))
         if keep is not None:  # an empty sequence keeps its state, as in fla
-            final = initial_state.to(final.dtype).index_copy(0, torch.tensor(keep, device=x.device), final)
+            final = _put_back(initial_state.to(final.dtype), keep, final)
     if residual is not None:
         y = y + residual.reshape(y.shape)
     return y.reshape(shape), (final.to(x.dtype) if output_final_state else None)
@@ -477,11 +477,15 @@ def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
         return o, None
     final = final.float()
     if keep is not None:
-        full = (initial_state.float().clone() if initial_state is not None
-                else final.new_zeros(n, *final.shape[1:]))
-        full[keep] = final
-        final = full
+        states = initial_state.float() if initial_state is not None else final.new_zeros(n, *final.shape[1:])
+        final = _put_back(states, keep, final)
     return o, final
+
+
+def _put_back(states: Tensor, keep: list[int], computed: Tensor) -> Tensor:
+    """``states`` (one per sequence, not modified) with rows ``keep`` replaced by ``computed``:
+    the sequences ``_nonempty`` left out keep their states."""
+    return states.index_copy(0, torch.tensor(keep, device=states.device), computed)
 
 
 def _all_empty(q, v, initial_state, output_final_state, n, layout):

@@ -170,6 +170,21 @@ def _link(outputs, inputs):
     return join(outputs)
 
 
+def _without_autograd(fn):
+    """``fn`` run on detached inputs without recording a graph, its outputs linked to the inputs'
+    graph (``_link``): graphdelta's ops have no backward, and for the oracle a recorded naive
+    loop over 8192 tokens of 96 heads would keep every step's state (fla's largest KDA case
+    needs over 100 GB that way); the gradients are not compared either way."""
+    def call(*args, **kwargs):
+        torch = _torch()
+        with torch.no_grad():
+            out = fn(*_detached(args), **{k: _detached(v) for k, v in kwargs.items()})
+        return _link(out, [*args, *kwargs.values()])
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
 def _ours(name):
     def call(*args, **kwargs):
         from graphdelta import fla as gd_fla
@@ -181,9 +196,7 @@ def _ours(name):
                 RECORD["max_tokens_exceeded"] = True
                 import pytest
                 pytest.skip(f"more than --max-tokens={MAX_TOKENS} tokens")
-        with torch.no_grad():
-            out = getattr(gd_fla, name)(*_detached(args), **{k: _detached(v) for k, v in kwargs.items()})
-        return _link(out, [*args, *kwargs.values()])
+        return _without_autograd(getattr(gd_fla, name))(*args, **kwargs)
     call.__name__ = name
     return call
 
@@ -297,20 +310,6 @@ def _kda_oracle(chunked):
                          cu_seqlens, use_qk_l2norm_in_kernel, state_v_first,
                          q.dtype if chunked else v.dtype, per_key_gate=True)
     return oracle
-
-
-def _without_autograd(fn):
-    """The oracle run without recording a graph, its outputs linked as graphdelta's are: the
-    gradients are not compared, and a recorded naive loop over 8192 tokens of 96 heads would
-    keep every step's state (fla's largest KDA case needs over 100 GB that way)."""
-    def call(*args, **kwargs):
-        torch = _torch()
-        with torch.no_grad():
-            out = fn(*_detached(args), **{k: _detached(v) for k, v in kwargs.items()})
-        return _link(out, [*args, *kwargs.values()])
-    call.__name__ = fn.__name__
-    call.__doc__ = fn.__doc__
-    return call
 
 
 oracle_chunk_gated_delta_rule = _without_autograd(_gdn_oracle(chunked=True))
