@@ -2,6 +2,8 @@
 
 - ``graphdelta.compile(model)`` / ``graphdelta.explain(compiled)``: the compiler (``passes/``);
 - ``graphdelta.generate(model, prompts, ...)``: generation over the hybrid cache (``runtime/``);
+- ``graphdelta.parallelize(model)`` / ``graphdelta.load(path, mesh=...)``: tensor parallelism on
+  torch.distributed, by heads (``parallel/``);
 - ``graphdelta.ops``: the gated delta rule (GDN, KDA), its decode step, the causal conv1d and the
   gated RMSNorm, as
   graph-visible ``torch.ops.graphdelta.*`` ops with signatures close to fla's;
@@ -22,6 +24,7 @@ from graphdelta.ops import (
 )
 from graphdelta.compiler import compile, explain  # noqa: A004 - graphdelta.compile(model)
 from graphdelta.runtime.generate import generate
+from graphdelta.parallel import load, parallelize
 from graphdelta import assets, hf
 
 hf.quiet_kernel_fallbacks()
@@ -32,6 +35,8 @@ __all__ = [
     "compile",
     "explain",
     "generate",
+    "parallelize",
+    "load",
     "assets",
     "ops",
     "reference",

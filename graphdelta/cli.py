@@ -1,6 +1,7 @@
 """The ``graphdelta`` command: generate, explain, bench, fuzz.
 
     graphdelta generate --prompt "def " --max-new-tokens 64     # the embedded model, streamed
+    torchrun --nproc-per-node 2 -m graphdelta generate ...      # tensor parallel over 2 ranks
     graphdelta explain [MODEL_DIR]                              # what compile fused, per layer
     graphdelta bench ops|kernels|compile|prefill|decode|all  # benchmark scripts (from a clone)
     graphdelta fuzz --impl chunk --examples 200                 # kernels against the reference
@@ -70,11 +71,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from graphdelta.runtime.generate import runner_for
     from graphdelta.runtime.streamer import TokenPrinter
 
-    progress.show(True)
     device = _device(args.device)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first rank prints
+    progress.show(lead)
     try:  # a checkpoint with missing or unexpected weights is refused, not run with random ones
-        model, tokenizer = load_model(args.model, getattr(torch, args.dtype), device, strict=True)
-    except (FileNotFoundError, CheckpointError) as err:
+        if ranks > 1:
+            model, tokenizer = load_parallel(args.model, getattr(torch, args.dtype), device)
+        else:
+            model, tokenizer = load_model(args.model, getattr(torch, args.dtype), device, strict=True)
+    except (FileNotFoundError, CheckpointError, KeyError, ValueError) as err:
         raise SystemExit(f"--model: {err}")
     target = model
     if not args.no_compile:
@@ -91,19 +97,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                                                             len(ids) + args.max_new_tokens - 1)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, compile_steps=steps,
                        max_batch=1, max_len=len(ids) + args.max_new_tokens)
-        printer = TokenPrinter(tokenizer, args.prompt)
+        printer = TokenPrinter(tokenizer, args.prompt) if lead else None
         start = time.perf_counter()
         try:
             new = graphdelta.generate(target, [ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
                                       stream=printer, **options)[0]
         finally:  # what was held back, and the line break, even after Ctrl-C
-            printer.close()
-    stamps = printer.stamps
+            if printer is not None:
+                printer.close()
+    if ranks > 1:
+        torch.distributed.destroy_process_group()
+    stamps = printer.stamps if printer is not None else []
     if stamps:
         decode = f", then {(len(stamps) - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if len(stamps) > 1 else ""
         print(f"{len(new)} tokens: first after {(stamps[0] - start) * 1e3:.0f} ms (prefill of {len(ids)}){decode} "
-              f"(batch 1, {torch.get_num_threads()} threads, {args.dtype} on {device})", file=sys.stderr)
+              f"(batch 1, {torch.get_num_threads()} threads, {args.dtype} on {device}"
+              f"{f', tensor parallel over {ranks} ranks' if ranks > 1 else ''})", file=sys.stderr)
     return 0
+
+
+def load_parallel(path: Path | None, dtype, device: str):
+    """Under torchrun (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, one per
+    ``LOCAL_RANK``; gloo on CPUs) and load ``path`` (default: the embedded model) sharded over
+    all ranks, each reading only its slices. Returns ``(model, tokenizer)``."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    import graphdelta
+    from graphdelta.assets import DEFAULT_MODEL_DIR, OFFLINE
+
+    path = path or DEFAULT_MODEL_DIR
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    model = graphdelta.load(path, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(path, **OFFLINE)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ class GraphRecord:
     seconds: float = 0.0
     norm_gates: int = 0  # gated norms given their gate unflattened (passes/norm_gate.py)
     compile_id: str = ""  # Dynamo's "frame/compile" id, as its guard failures name the graph
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # tensor parallel: all_reduce x N
 
 
 def _guard_text(failure: str) -> str:
@@ -106,6 +107,7 @@ class GraphLog:
         ops: collections.Counter[str] = collections.Counter()
         leftovers: collections.Counter[str] = collections.Counter()
         attention: collections.Counter[str] = collections.Counter()
+        collectives: collections.Counter[str] = collections.Counter()
         matmuls = 0
         for node in gm.graph.nodes:
             if node.op != "call_function":
@@ -118,6 +120,8 @@ class GraphLog:
                 leftovers[name] += 1
             if name in ("matmul", "bmm", "mm", "einsum", "__matmul__") and self._in_layer(node):
                 matmuls += 1
+            if "_c10d_functional" in qualified and "wait_tensor" not in qualified:
+                collectives[qualified.split(".")[-2] if qualified.endswith(".default") else name] += 1
             if name == "scaled_dot_product_attention":
                 masked = (len(node.args) > 3 and node.args[3] is not None) or node.kwargs.get("attn_mask") is not None
                 attention["masked" if masked else "unmasked"] += 1
@@ -126,7 +130,8 @@ class GraphLog:
         ]
         compile_id = torch._guards.CompileContext.current_compile_id()
         record = GraphRecord(len(self.graphs), self._reason(compile_id), len(gm.graph.nodes), dict(ops),
-                             dict(leftovers), matmuls, inputs, dict(attention), compile_id=str(compile_id or ""))
+                             dict(leftovers), matmuls, inputs, dict(attention), compile_id=str(compile_id or ""),
+                             collectives=dict(collectives))
         self.graphs.append(record)
         start = time.perf_counter()
         record.norm_gates = self.rewrite(gm) if self.rewrite else 0
@@ -154,6 +159,11 @@ def explain(compiled) -> str:
     then the graphs compiled so far and why each was compiled."""
     plan = compiled.plan
     lines = [f"graphdelta: {type(plan.model).__name__}, passes took {getattr(plan, 'seconds', 0.0):.1f} s"]
+    tp = getattr(plan.model, "_graphdelta_tp", None)
+    if tp is not None:
+        lin, att = tp.spec.linear, tp.spec.attention
+        lines.append(f"tensor parallel: rank {tp.rank} of {tp.size}; this rank's linear-attention heads "
+                     f"{lin.heads} (conv channels {lin.conv_dim}), attention KV heads {att.kv_heads} cached")
     if getattr(compiled, "_lazy", False):
         lines.append(f"probed on the model's own calls: {len(compiled._calls_seen)} kind(s) of call so far")
     for lp in plan.layers:
@@ -183,7 +193,10 @@ def explain(compiled) -> str:
         lines.append(
             f"  graph {g.index} (Dynamo {g.compile_id or '?'}): {g.nodes} nodes, {ops}; left over: {left}; "
             f"{g.matmuls} matmuls in linear-attention layers; attention: {attention}; "
-            f"norm gates kept unflattened: {g.norm_gates}; backend {g.seconds:.1f} s"
+            f"norm gates kept unflattened: {g.norm_gates}; "
+            + (f"collectives: {', '.join(f'{k} x{v}' for k, v in sorted(g.collectives.items()))}; "
+               if g.collectives else "")
+            + f"backend {g.seconds:.1f} s"
         )
         lines.append(f"      compiled because: {g.reason}")
     return "\n".join(lines)

@@ -246,3 +246,22 @@ def problem_specs(draw, caps: Capabilities = Capabilities()) -> ProblemSpec:
         seed=draw(st.integers(0, 2**16)),
     )
 
+
+
+def peak_memory_growth(fn: Callable[[], object]) -> tuple[object, int | None]:
+    """``(fn(), bytes)``: how far the process's peak resident memory rose above its resident
+    memory before ``fn`` (Linux resets the peak, VmHWM, when 5 is written to
+    ``/proc/self/clear_refs``). ``bytes`` is None where that cannot be done. Used by the
+    tensor-parallel tests and ``benchmarks/tp.py`` to show what loading by slices holds."""
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS:")
+    except (OSError, StopIteration):
+        return fn(), None
+    result = fn()
+    return result, status("VmHWM:") - before

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from graphdelta import checks
+from graphdelta.parallel.plan import tensor_parallel
 from graphdelta.runtime.layers import ModelSpec
 from graphdelta.runtime.runner import Runner, compiled_state_layout, token_ids, unwrap
 
@@ -137,7 +138,7 @@ def generate(
     if max_new_tokens == 0 or not prompts:
         return outputs
     longest = max(len(p) for p in prompts) + max_new_tokens
-    positions = ModelSpec.from_config(unwrap(model).config).max_positions if runner is None else runner.spec.max_positions
+    positions = ModelSpec.of_model(unwrap(model)).max_positions if runner is None else runner.spec.max_positions
     if positions is not None and longest > positions:
         raise ValueError(f"a prompt of {longest - max_new_tokens} tokens + max_new_tokens={max_new_tokens} is "
                          f"{longest} positions, past the model's max_position_embeddings={positions}")
@@ -158,6 +159,17 @@ def generate(
     queue = collections.deque(enumerate(prompts))
     active: dict[int, tuple[int, int]] = {}  # slot -> (prompt index, last token)
     owned: set[int] = set()  # slots this call allocated and has not freed yet
+
+    tp = tensor_parallel(runner.model)
+
+    def decide(logits: Tensor) -> Tensor:
+        """The next tokens, sampled on the first rank and sent to the others under tensor
+        parallelism: every rank then feeds and stops on the same tokens, whatever its sampler."""
+        tokens = sample(logits, temperature, top_k, top_p, generator)
+        if tp is not None:
+            group = tp.mesh.get_group()
+            torch.distributed.broadcast(tokens, src=torch.distributed.get_global_rank(group, 0), group=group)
+        return tokens
 
     def emit(slots: list[int], indices: list[int], tokens: Tensor) -> None:
         for slot, i, token in zip(slots, indices, tokens.tolist()):
@@ -185,11 +197,11 @@ def generate(
             if admitted:
                 slots = [s for s, _, _ in admitted]
                 logits = runner.prefill(slots, [p for _, _, p in admitted])
-                emit(slots, [i for _, i, _ in admitted], sample(logits, temperature, top_k, top_p, generator))
+                emit(slots, [i for _, i, _ in admitted], decide(logits))
             if active:
                 slots = list(active)
                 logits = runner.decode(slots, [active[s][1] for s in slots])
-                emit(slots, [active[s][0] for s in slots], sample(logits, temperature, top_k, top_p, generator))
+                emit(slots, [active[s][0] for s in slots], decide(logits))
     finally:
         for slot in owned:
             runner.free(slot)

@@ -109,6 +109,13 @@ class ModelSpec:
         return [i for i, k in enumerate(self.kinds) if k == "linear"]
 
     @classmethod
+    def of_model(cls, model: Any) -> "ModelSpec":
+        """The spec of what ``model`` computes on this rank: its config's, or for a model that
+        ``graphdelta.parallelize`` sharded, the local heads' (``TensorParallel.spec``)."""
+        tp = getattr(model, "_graphdelta_tp", None)
+        return tp.spec if tp is not None else cls.from_config(model.config)
+
+    @classmethod
     def from_config(cls, config: Any) -> "ModelSpec":
         config = text_config(config)
         model_type = getattr(config, "model_type", None)

@@ -155,7 +155,7 @@ class Runner:
         self.model = unwrap(model).eval()
         param = next(self.model.parameters())
         self.device = param.device
-        self.spec = ModelSpec.from_config(self.model.config)
+        self.spec = ModelSpec.of_model(self.model)
         if max_len is None:
             max_len = min(1024, self.spec.max_positions or 1024)
         self.vocab = self.model.get_input_embeddings().num_embeddings
