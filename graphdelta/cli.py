@@ -3,7 +3,7 @@
     graphdelta generate --prompt "def " --max-new-tokens 64     # the embedded model, streamed
     torchrun --nproc-per-node 2 -m graphdelta generate ...      # tensor parallel over 2 ranks
     graphdelta explain [MODEL_DIR]                              # what compile fused, per layer
-    graphdelta bench ops|kernels|compile|prefill|decode|all  # benchmark scripts (from a clone)
+    graphdelta bench ops|kernels|compile|prefill|decode|all|tp|llamacpp   # benchmark scripts (from a clone)
     graphdelta fuzz --impl chunk --examples 200                 # kernels against the reference
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("ops_cpu", "kernels", "compile", "prefill", "decode")
+BENCHMARKS = ("ops_cpu", "kernels", "compile", "prefill", "decode")  # what `bench all` runs
+SEPARATE_BENCHMARKS = ("tp", "llamacpp")  # only by name: 2 processes; llama-cpp-python installed
 
 
 def version() -> str:
@@ -203,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def bench_options() -> str:
     """Each benchmark script's options, from its own parser (for ``bench --help``)."""
     lines = []
-    for name in BENCHMARKS:
+    for name in BENCHMARKS + SEPARATE_BENCHMARKS:
         path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
         if path.is_file():
             text = path.read_text()
@@ -251,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run benchmark scripts (JSON, Markdown, PNG into --out)",
                            epilog=bench_options(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("which", choices=("ops", "kernels", "compile", "prefill", "decode", "all"),
+    bench.add_argument("which", choices=("ops", "kernels", "compile", "prefill", "decode", "all",
+                                         *SEPARATE_BENCHMARKS),
                        help="ops: CPU chunk op vs transformers; kernels: prefill/decode vs roofline; "
                             "compile: compile time and prefill; prefill: eager and graphdelta taking "
-                            "turns; decode: generation steps")
+                            "turns; decode: generation steps; all: those five; tp: 1 vs 2 processes "
+                            "(tensor parallel); llamacpp: against llama.cpp (needs llama-cpp-python)")
     bench.add_argument("--gpu", action="store_true", help="require a GPU (kernels at full size)")
     bench.add_argument("--out", type=Path, default=None,
                        help=f"folder for the results (default {default_bench_out()}, outside the checkout)")

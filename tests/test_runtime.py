@@ -200,6 +200,38 @@ def test_compiled_steps_match_eager_steps(qwen):
         torch.testing.assert_close(a[:3], b[:3], atol=ATOL, rtol=0)
 
 
+def test_compiled_steps_skip_guards_only_once_compiled(qwen):
+    """Compiled steps skip Dynamo's guard evaluation after their first call: the guards that
+    tell the compiled shapes apart still choose the step, so decoding across a window bucket
+    boundary (64 -> 128 positions) and back to a new slot's first window gives the eager
+    steps' logits."""
+    eager, static = (Runner(qwen, max_seqs=2, max_len=128, compile_steps=c) for c in (False, True))
+    assert static.skip_guards
+    chosen = []
+    base = static._dynamo_context
+
+    def observed():  # (calling torch.compiler.set_stance sets the stance: once, as _run does)
+        context = base()
+        chosen.append((static._compiling, type(context).__name__))
+        return context
+
+    static._dynamo_context = observed
+    logits = []
+    for runner in (eager, static):
+        first, second = runner.allocate(), runner.allocate()
+        last = runner.prefill([first], [tokens(62, seed=4)[0]])
+        seen = []
+        for _ in range(4):  # positions 62 .. 65: windows 64, then 128
+            last = runner.decode([first], last.argmax(-1).tolist())
+            seen.append(last)
+        runner.prefill([second], [tokens(5, seed=6)[0]])
+        seen.append(runner.decode([second], [7]))  # window 64 again, compiled already
+        logits.append(torch.stack(seen))
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)
+    assert [c for c, _ in chosen] == [True, False, True, False, False]  # compiles for windows 64 and 128
+    assert {name for c, name in chosen if not c} == {"set_stance"}  # skipping the guards
+
+
 def test_static_steps_read_a_window_bucket(qwen):
     """Attention reads the longest live sequence's positions, rounded up: to a power-of-two
     bucket from 64 for static steps (compiled or CUDA graphs: few shapes; max_len absorbs the

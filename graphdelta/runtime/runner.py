@@ -33,6 +33,7 @@ from pinned memory that does not block (``to_device``).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import abc
 from typing import Any, Callable, Sequence
@@ -145,10 +146,12 @@ class Runner:
         state_layout: str | None = None,
         cuda_graphs: bool | None = None,
         compile_steps: bool = False,
+        skip_guards: bool = True,
     ):
         """``max_len`` (tokens per sequence) defaults to 1024, or the model's
         ``max_position_embeddings`` when that is smaller; a longer one, or a cache larger than
-        the device's free memory, is refused before anything is allocated."""
+        the device's free memory, is refused before anything is allocated. ``skip_guards``:
+        compiled steps skip Dynamo's guard evaluation once compiled (``_dynamo_context``)."""
         max_seqs = checks.check_int("max_seqs", max_seqs, 1)
         max_batch = max_seqs if max_batch is None else checks.check_int("max_batch", max_batch, 1)
         state_layout = state_layout or compiled_state_layout(model) or "kv"
@@ -184,6 +187,11 @@ class Runner:
         # 0.99 ms per step, best of 120).
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         self._forward = _compiled_step(self.forward, options) if compile_steps else self.forward
+        from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
+
+        self._recompile_limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable
+        self._compiling = False  # inside the first call of a static step shape (_first_of)
+        self.skip_guards = skip_guards and hasattr(torch.compiler, "set_stance")
 
     # ------------------------------------------------------------------ sequences
 
@@ -328,12 +336,19 @@ class Runner:
             return out
         return self._step_on(slots, key, tokens_p, slots_p, starts_p, B)
 
+    @contextlib.contextmanager
     def _first_of(self, key: tuple[int, int, bool, int]):
-        """Progress for compiling (or capturing) the static step of shape ``key``."""
+        """The first call of the static step of shape ``key``, which compiles (or captures) it:
+        with progress, and with Dynamo's guards evaluated (``_run``)."""
         size, T, keep, window = key
         what = "capturing a CUDA graph of" if self.cuda_graphs else "compiling"
-        return progress.phase(f"{what} the {'verify' if keep else 'decode'} step "
-                              f"(batch bucket {size}, {T} token(s), window {window})")
+        with progress.phase(f"{what} the {'verify' if keep else 'decode'} step "
+                            f"(batch bucket {size}, {T} token(s), window {window})"):
+            self._compiling = True
+            try:
+                yield
+            finally:
+                self._compiling = False
 
     @torch.no_grad()  # as the steps run: Dynamo guards on grad mode, and would compile again
     def prepare(self, batch: int, shortest: int, longest: int) -> None:
@@ -385,23 +400,28 @@ class Runner:
         if not (self.cuda_graphs or self.compile_steps):
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
-        with static_experts(self.forward.experts_configs, self.experts):
+        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context():
             logits = self._forward(tokens, batch, aux)
         return logits, aux
 
+    def _dynamo_context(self):
+        """How a compiled step runs. Its first call per shape (``_first_of``) compiles it, under
+        the compiler's recompile limit (each (batch bucket, T, window) is a compilation of the
+        same frames, and Dynamo's default limit of 8 per code object would quietly send the
+        rest to eager). Later calls skip Dynamo's guard evaluation, except the guards that tell
+        the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
+        guards check (its modules, its cache, the step's shapes, no autograd), and evaluating
+        them cost 0.09 ms of a 0.85 ms step of the shipped model (benchmarks/token_overhead.py).
+        So a runner's model must not change dtype, device or modules after the runner is made:
+        make a new Runner (``skip_guards=False`` keeps the guards)."""
+        if self._compiling or not self.compile_steps:
+            return self._recompile_limit
+        if not self.skip_guards:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
 
 def _compiled_step(forward: Callable, options: dict | None) -> Callable:
-    """``forward`` under torch.compile. Each (batch bucket, window bucket, T) is a compilation
-    of the same frames: Dynamo's default limit (8 per code object) would quietly send the rest
-    to eager, so calls run under the compiler's limit."""
-    from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
-
-    compiled = torch.compile(forward, dynamic=False, options=options)
-    limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable: made once, not per token
-
-    def step(*args, **kwargs):
-        with limit:
-            return compiled(*args, **kwargs)
-
-    return step
+    """``forward`` under torch.compile, one compilation per static shape."""
+    return torch.compile(forward, dynamic=False, options=options)
 
