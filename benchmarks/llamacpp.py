@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     names = [m for m in ("llama_cpp", "eager", "torch_compile", "graphdelta") if m in args.modes.split(",")]
+    if not {"llama_cpp", "eager", "graphdelta"} <= set(names):
+        raise SystemExit(f"--modes must include llama_cpp, eager and graphdelta (the checks compare them), got {args.modes}")
+    decoders = [n for n in names if n != "torch_compile"]
     cache = results_dir() / "llamacpp"
     cache.mkdir(parents=True, exist_ok=True)
     model_dir = checkpoint(args.config, cache)
@@ -282,15 +285,14 @@ def main(argv: list[str] | None = None) -> int:
                 "graphdelta": lambda ids: compiled(torch.tensor([ids]), use_cache=False)}
     generators = {"llama_cpp": llama.generate, "eager": lambda ids, n, s=None: transformers_generate(model, ids, n, s),
                   "graphdelta": lambda ids, n, s=None: graphdelta_generate(compiled, ids, n, s)}
-    if "torch_compile" in names:
+    if "torch_compile" in names:  # prefill only: transformers' generate would call the uncompiled forward
         tc = torch.compile(model)
         forwards["torch_compile"] = lambda ids: tc(torch.tensor([ids]), use_cache=False)
-        generators["torch_compile"] = lambda ids, n, s=None: transformers_generate(tc, ids, n, s)
 
     # agreement first: greedy tokens from a short prompt, and llama.cpp's logits
     prompt = models.tokens(16, vocab=vocab, seed=5)[0].tolist()
-    greedy = {name: generators[name](prompt, args.check_tokens) for name in names}
-    agree = {name: sum(a == b for a, b in zip(greedy[name], greedy["eager"])) for name in names}
+    greedy = {name: generators[name](prompt, args.check_tokens) for name in decoders}
+    agree = {name: sum(a == b for a, b in zip(greedy[name], greedy["eager"])) for name in decoders}
     llama.prefill(prompt)
     reference = model(torch.tensor([prompt])).logits[0, -1].float()
     logit_error = (torch.from_numpy(llama.last_logits().copy()) - reference).abs().max().item()
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
           f"error {logit_error:.2e}", flush=True)
     need = args.min_agree if args.min_agree is not None else (args.check_tokens if args.dtype == "float32" else 16)
     first_difference = {n: next((i for i, (a, b) in enumerate(zip(greedy[n], greedy["eager"])) if a != b),
-                                args.check_tokens) for n in names}
+                                args.check_tokens) for n in decoders}
     if any(d < need for d in first_difference.values()):
         raise SystemExit(f"greedy tokens part before token {need} ({first_difference}): not timing them")
     accuracy = bf16_accuracy(compiled, model_dir, args.lengths[0], vocab) if args.dtype == "bfloat16" else {}
@@ -317,24 +319,26 @@ def main(argv: list[str] | None = None) -> int:
         row = {"measure": f"prefill {length} tokens (s)", **{n: statistics.median(t[1:]) for n, t in times.items()}}
         rows.append(row)
         print(row, flush=True)
-    steps: dict[str, list[float]] = {n: [] for n in names}
+    steps: dict[str, list[float]] = {n: [] for n in decoders}
     for _ in range(args.rounds + 1):
-        for name in names:
+        for name in decoders:
             steps[name].append(per_token(generators[name], prompt, args.new_tokens))
-    row = {"measure": "decode batch 1, end to end (tokens/s)", **{n: 1 / statistics.median(t[1:]) for n, t in steps.items()}}
+    row = {"measure": "decode batch 1, end to end (tokens/s)",
+           **{n: (1 / statistics.median(steps[n][1:]) if n in steps else None) for n in names}}
     rows.append(row)
     print(row, flush=True)
     for row in rows:  # graphdelta against each other system: > 1 means graphdelta is faster
         decode = row["measure"].startswith("decode")
-        for name in names[:-1] if names[-1] == "graphdelta" else []:
-            row[f"graphdelta_vs_{name}"] = (row["graphdelta"] / row[name]) if decode else (row[name] / row["graphdelta"])
+        for name in names[:-1]:
+            if row[name] is not None:
+                row[f"graphdelta_vs_{name}"] = (row["graphdelta"] / row[name]) if decode else (row[name] / row["graphdelta"])
 
     def plot(path: Path) -> None:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.5))
         for ax, row in zip(axes, rows):
-            ax.bar(names, [row[n] for n in names])
+            ax.bar(names, [row[n] or 0.0 for n in names])
             ax.set_title(row["measure"], fontsize=9)
             ax.tick_params(labelsize=7)
         fig.suptitle(f"qwen3_next {args.config}, CPU {args.dtype}, {args.threads} threads, taking turns", fontsize=10)
@@ -344,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:])
     columns = ["measure", *names, *[c for c in rows[0] if c.startswith("graphdelta_vs_")]]
     for row in rows:
+        for column in columns:
+            row.setdefault(column, None)  # (torch_compile: no decode figure)
         row["greedy_agree"] = f"{min(agree.values())}/{args.check_tokens}"
         row["llama_logit_err"] = logit_error
         row.update(accuracy)

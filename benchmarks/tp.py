@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -91,12 +92,12 @@ def _rank(rank: int, world: int, threads: int, init: str, path: str, args, out: 
 
 
 def run_setup(world: int, threads: int, path: str, args) -> list[dict]:
-    out = tempfile.mktemp(suffix=".json")
-    init = "file://" + tempfile.mktemp()
-    mp.spawn(_rank, args=(world, threads, init, path, args, out), nprocs=world, join=True)
     import json
 
-    return json.loads(Path(out).read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        out, init = os.path.join(scratch, "records.json"), "file://" + os.path.join(scratch, "rendezvous")
+        mp.spawn(_rank, args=(world, threads, init, path, args, out), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,9 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    args.command = "python benchmarks/tp.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    folder = tempfile.mkdtemp()
+    try:
+        return _run(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # (549 MiB at --config mid)
+
+
+def _run(args, folder: str) -> int:
     import models
 
-    folder = tempfile.mkdtemp()
     torch.manual_seed(0)
     model = models.build("qwen3_next", **CONFIGS[args.config])
     model.save_pretrained(folder)
@@ -124,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             prefill_s=first["prefill_s"], decode_ms=first["decode_ms"],
             param_mib_per_rank=max(r["param_mib"] for r in records),
             read_mib_per_rank=max(r["read_mib"] for r in records),
-            load_peak_mib_per_rank=max((r["load_peak_mib"] or 0.0) for r in records),
+            load_peak_mib_per_rank=None if any(r["load_peak_mib"] is None for r in records)
+            else max(r["load_peak_mib"] for r in records),
             checkpoint_mib=checkpoint / 2**20,
             same_tokens=all(r["tokens"] == reference for r in records)))
         print(rows[-1], flush=True)
@@ -136,14 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         names = [r["setup"].replace(" x ", "\nx ") for r in rows]
         for ax, key, label in zip(axes, ("prefill_s", "decode_ms", "load_peak_mib_per_rank"),
                                   (f"prefill {args.length} tokens (s)", "decode (ms/token)", "load peak per rank (MiB)")):
-            ax.bar(names, [r[key] for r in rows])
+            ax.bar(names, [r[key] or 0.0 for r in rows])
             ax.set_title(label, fontsize=9)
             ax.tick_params(labelsize=7)
         fig.suptitle(f"qwen3_next {args.config}, CPU, gloo", fontsize=10)
         fig.tight_layout()
         fig.savefig(path)
 
-    command = "python benchmarks/tp.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = args.command
     columns = ["setup", "prefill_s", "decode_ms", "param_mib_per_rank", "read_mib_per_rank",
                "load_peak_mib_per_rank", "checkpoint_mib", "same_tokens"]
     print(write_results(f"tp_{args.config}", rows, columns, command.strip(), plot))

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         try:
             run(args)
+            dist.barrier()  # leave together (a rank whose peer is gone mid-teardown aborts)
         finally:
             dist.destroy_process_group()
     else:

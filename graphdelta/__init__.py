@@ -24,7 +24,10 @@ from graphdelta.ops import (
 )
 from graphdelta.compiler import compile, explain  # noqa: A004 - graphdelta.compile(model)
 from graphdelta.runtime.generate import generate
-from graphdelta.parallel import load, parallelize
+import torch.distributed as _dist
+
+if _dist.is_available():  # tensor parallelism (graphdelta/parallel/) needs torch.distributed
+    from graphdelta.parallel import load, parallelize
 from graphdelta import assets, hf
 
 hf.quiet_kernel_fallbacks()

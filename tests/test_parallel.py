@@ -142,3 +142,84 @@ def test_ops_on_dtensors_keep_their_split(ranks):
         for name, placements in expected.items():
             assert r["dtensor"][name]["placements"] == placements, name
             assert r["dtensor"][name]["err"] < 1e-6, name
+
+
+@pytest.mark.parametrize("family", ["kimi_linear", "bailing_hybrid"])
+def test_load_keeps_what_transformers_keeps_in_float32(tmp_path, family):
+    """``graphdelta.load`` in bf16 gives ``from_pretrained``'s dtypes (routers, dt_bias, A_log
+    kept in float32) and logits (one process, no sharding)."""
+    import graphdelta
+    import models
+    import transformers as tf
+
+    if family not in models.FAMILIES and not models.newer_available(family):
+        pytest.skip(f"{family} needs a newer transformers")
+    model = models.build(family) if family in models.FAMILIES else models.build_newer(family, layers=4)
+    model.save_pretrained(tmp_path)
+    ours = graphdelta.load(tmp_path, dtype=torch.bfloat16)
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in theirs.named_parameters()}
+    assert {n: p.dtype for n, p in ours.named_parameters()} == dtypes
+    assert torch.float32 in dtypes.values()
+    x = models.tokens(9)
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, theirs(x).logits)
+
+
+def test_load_refuses_weights_that_do_not_match_the_config(tmp_path):
+    """A config whose sizes differ from its weights is refused by name, not read at the wrong
+    offsets."""
+    import graphdelta
+    import models
+
+    models.build("qwen3_next").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["linear_num_value_heads"] = 2 * config["linear_num_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the model expects"):
+        graphdelta.load(tmp_path)
+
+
+def test_a_failure_while_sharding_leaves_the_model_as_it_was(monkeypatch):
+    """A style that fails part-way (here: the tenth, as out of memory would) leaves every
+    module as it was: same parameters, no all-reduce hooks, not marked parallel; a later
+    ``parallelize`` can run. One process: a mesh of one rank (gloo)."""
+    import graphdelta
+    import models
+    from graphdelta.parallel import styles
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already up")
+    init = "file://" + os.path.join(tempfile.mkdtemp(), "rendezvous")
+    torch.distributed.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = models.build("qwen3_next")
+        before = {n: p for n, p in model.named_parameters()}
+        x = models.tokens(5)
+        with torch.no_grad():
+            reference = model(x).logits
+        calls = []
+        real = styles.Split._apply
+
+        def failing(self, module, device_mesh):
+            calls.append(module)
+            if len(calls) == 10:
+                raise MemoryError("out of memory (injected)")
+            return real(self, module, device_mesh)
+
+        monkeypatch.setattr(styles.Split, "_apply", failing)
+        with pytest.raises(MemoryError):
+            graphdelta.parallelize(model, mesh)
+        assert len(calls) == 10
+        assert {n: p for n, p in model.named_parameters()} == before
+        assert not any(m._forward_hooks for m in model.modules()) and not hasattr(model, "_graphdelta_tp")
+        monkeypatch.undo()
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, reference)
+        graphdelta.parallelize(model, mesh)  # one rank: the same model, now marked parallel
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, reference, atol=TOL, rtol=0)
+    finally:
+        torch.distributed.destroy_process_group()

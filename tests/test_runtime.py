@@ -205,7 +205,7 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
     tell the compiled shapes apart still choose the step, so decoding across a window bucket
     boundary (64 -> 128 positions) and back to a new slot's first window gives the eager
     steps' logits."""
-    eager, static = (Runner(qwen, max_seqs=2, max_len=128, compile_steps=c) for c in (False, True))
+    eager, static = (Runner(qwen, max_seqs=3, max_len=128, compile_steps=c) for c in (False, True))
     assert static.skip_guards
     chosen = []
     base = static._dynamo_context
@@ -230,6 +230,23 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
     torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)
     assert [c for c, _ in chosen] == [True, False, True, False, False]  # compiles for windows 64 and 128
     assert {name for c, name in chosen if not c} == {"set_stance"}  # skipping the guards
+
+    # Dynamo's caches reset (the compiled shapes are gone): the next steps compile again, with
+    # their guards, and never reach an entry compiled for another window.
+    torch._dynamo.reset()
+    chosen.clear()
+    slot = static.allocate()
+    last = static.prefill([slot], [tokens(62, seed=4)[0]])
+    again = []
+    for _ in range(4):
+        last = static.decode([slot], last.argmax(-1).tolist())
+        again.append(last)
+    torch.testing.assert_close(torch.stack(again), logits[0][:4], atol=ATOL, rtol=0)
+    # the first step sees the reset and runs with its guards; the shapes are then compiled anew
+    assert chosen == [(False, "nullcontext"), (True, "ConfigPatch"), (True, "ConfigPatch"), (False, "set_stance")]
+    with torch.compiler.set_stance("force_eager"):  # a stance of the user's is kept: no skipping
+        static.decode([slot], [7])
+    assert chosen[-1] == (False, "nullcontext")
 
 
 def test_static_steps_read_a_window_bucket(qwen):

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +114,8 @@ def sources(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, Source]:
             continue
         converter = next(c for c in converters if pattern in c.source_patterns)
         ops = [type(op) for op in converter.operations]
-        if ops not in ([Concatenate], [MergeModulelist], [MergeModulelist, Concatenate]):
+        merge_dims = [op.dim for op in converter.operations if isinstance(op, MergeModulelist)]
+        if ops not in ([Concatenate], [MergeModulelist], [MergeModulelist, Concatenate]) or merge_dims not in ([], [0]):
             raise NotImplementedError(
                 f"{key}: transformers converts it with {[o.__name__ for o in ops]}, which graphdelta.load "
                 "cannot read by slices (load the model whole with from_pretrained, then parallelize it)")
@@ -148,11 +149,34 @@ def _read_concat(reader: _Reader, keys: list[str], dim: int, shard_dim: int | No
     return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
 
 
+def _full_shape(reader: _Reader, source: Source) -> list[int]:
+    """The shape of the whole parameter that ``source`` assembles, from the files' headers."""
+    def joined(keys: list[str], dim: int) -> list[int]:
+        shapes = [list(reader.shape(k)) for k in keys]
+        out = shapes[0]
+        out[dim] = sum(s[dim] for s in shapes)
+        return out
+
+    if not source.merge:
+        return joined([k for group in source.keys for k in group], source.concat or 0)
+    inner = 0 if source.concat is None else source.concat - 1
+    return [len(source.keys[0]), *joined([group[0] for group in source.keys], inner)]
+
+
 def _read_parameter(reader: _Reader, name: str, source: Source | None, param: Tensor, path: str) -> Tensor:
-    """This rank's part of parameter ``name`` (its ``Shard``, or all of it)."""
+    """This rank's part of parameter ``name`` (its ``Shard``, or all of it). The whole tensor's
+    shape in the checkpoint must be the model's (for a shard: before it was split), so a config
+    that does not match its weights is refused rather than read at the wrong offsets."""
     if source is None:
         raise KeyError(f"{path} has no tensor for {name!r} (nor tensors that transformers converts into it)")
     shard: Shard | None = getattr(param, "_graphdelta_shard", None)
+    expected = list(param.shape)
+    if shard is not None:
+        expected[shard.dim] = shard.full
+    found = _full_shape(reader, source)
+    if found != expected:
+        raise ValueError(f"{name}: the checkpoint in {path} holds {found}, the model expects {expected} "
+                         "(a config that does not match its weights?)")
     shard_dim, ranges = (None, ()) if shard is None else (shard.dim, shard.ranges)
     if not source.merge:
         keys = [k for group in source.keys for k in group]
@@ -166,7 +190,7 @@ def _read_parameter(reader: _Reader, name: str, source: Source | None, param: Te
 
 
 def _materialize(reader: _Reader, name: str, plan: dict[str, Source], tensor: Tensor, loaded: dict[int, Tensor],
-                 path: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+                 path: str, device: torch.device, dtype: torch.dtype, fp32: Callable[[str], bool]) -> Tensor:
     """The loaded value of the meta ``tensor`` (a parameter or buffer) named ``name``; tied
     tensors (lm_head = embed_tokens) are read once (``loaded``, by the meta tensor's id)."""
     if id(tensor) in loaded:
@@ -178,15 +202,30 @@ def _materialize(reader: _Reader, name: str, plan: dict[str, Source], tensor: Te
     if value.shape != tensor.shape:
         raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the model expects "
                          f"{tuple(tensor.shape)} (a config that does not match its weights?)")
-    # floating tensors in ``dtype``, except those the model keeps in float32 on purpose (router biases)
-    keep = tensor.dtype == torch.float32 and not isinstance(tensor, nn.Parameter)
-    value = value.to(device, dtype if value.is_floating_point() and not keep else value.dtype)
+    # floating tensors in ``dtype``, except what transformers keeps in float32 (its dtype plan)
+    # and float32 buffers (router score biases)
+    keep = (tensor.dtype == torch.float32 and not isinstance(tensor, nn.Parameter)) or fp32(name)
+    value = value.to(device, torch.float32 if keep and value.is_floating_point() else
+                     dtype if value.is_floating_point() else value.dtype)
     new = nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value
     for mark in ("_graphdelta_shard", "_graphdelta_zero"):
         if hasattr(tensor, mark):
             setattr(new, mark, getattr(tensor, mark))
     loaded[id(tensor)] = new
     return new
+
+
+def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> Callable[[str], bool]:
+    """Whether a parameter name is one that ``from_pretrained`` keeps in float32 when loading in
+    ``dtype`` (the model's ``_keep_in_fp32_modules(_strict)``: Kimi's and Bailing's routers,
+    ``dt_bias``, ``A_log``), by transformers' own dtype plan and pattern matching."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return lambda name: False
+    pattern, _, _ = build_glob_alternation(list(plan))
+    return lambda name: pattern.search(name) is not None
 
 
 def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
@@ -240,16 +279,17 @@ def load(path: str, mesh: Any = None, dtype: torch.dtype | None = None,
     if mesh is not None:
         parallelize(model, mesh)
     plan = sources(model, list(reader.files))
+    fp32 = kept_in_float32(model, dtype)
     loaded: dict[int, Tensor] = {}
     for module_path, module in model.named_modules():
         for pname, param in list(module._parameters.items()):
             if param is not None:
                 name = f"{module_path}.{pname}" if module_path else pname
-                module._parameters[pname] = _materialize(reader, name, plan, param, loaded, path, device, dtype)
+                module._parameters[pname] = _materialize(reader, name, plan, param, loaded, path, device, dtype, fp32)
         for bname, buffer in list(module._buffers.items()):
             name = f"{module_path}.{bname}" if module_path else bname
             if buffer is not None and name in plan:  # persistent buffers (e.g. MoE routers' score biases)
-                module._buffers[bname] = _materialize(reader, name, plan, buffer, loaded, path, device, dtype)
+                module._buffers[bname] = _materialize(reader, name, plan, buffer, loaded, path, device, dtype, fp32)
     _rebuild_buffers(model, device)
     model._graphdelta_bytes_read = reader.bytes_read
     return model.eval()

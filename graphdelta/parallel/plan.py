@@ -17,11 +17,13 @@ projections and replicate KDA, so every rank would compute every linear-attentio
   down row parallel, the block's output summed once (routed and shared experts alike);
 - embeddings, norms, routers and the LM head replicated.
 
-Per layer this is two all-reduces, as in Megatron. H and HV must divide by the number of
-ranks, so every rank has the same GVA ratio.
+Per layer this is two all-reduces, as in Megatron (OLMo-Hybrid's attention layers two more,
+for their q and k norms). H and HV must divide by the number of ranks, so every rank has the
+same GVA ratio.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -216,13 +218,29 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
     # Every style is checked on its module before any applies, so a refusal leaves the model as
     # it was. "path#tag" names a further style on the same module.
     targets = {}
+    split: dict[int, str] = {}  # parameter id -> the module path that splits it
     for path, style in plan.items():
         target = path.split("#")[0].rstrip(".")
-        targets[path] = model.get_submodule(target) if target else model
+        targets[path] = module = model.get_submodule(target) if target else model
         if hasattr(style, "check"):
-            style.check(targets[path], mesh.size())
-    for path, style in plan.items():
-        parallelize_module(targets[path], mesh, style)
+            style.check(module, mesh.size())
+        for name in getattr(style, "dims", ()):
+            param = getattr(module, name, None)
+            if param is not None and split.setdefault(id(param), f"{target}.{name}") != f"{target}.{name}":
+                raise ValueError(f"{target}.{name} is the same parameter as {split[id(param)]}: a shared "
+                                 "parameter cannot be split twice")
+    # Applying cannot fail on the model's numbers any more, but may on memory or Ctrl-C: then
+    # every touched module gets its state back, so the model is as it was, and usable.
+    saved = {id(m): (m, {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(m).items()})
+             for m in targets.values()}
+    try:
+        for path, style in plan.items():
+            parallelize_module(targets[path], mesh, style)
+    except BaseException:
+        for module, state in saved.values():
+            module.__dict__.clear()
+            module.__dict__.update(state)
+        raise
     model._graphdelta_tp = TensorParallel(mesh, local)
     return model
 

@@ -6,7 +6,7 @@ Every op accepts replicated inputs, and splits by heads (the gated delta rule: q
 key heads, v/g/beta and the state on their value heads, a contiguous split keeping the GVA
 ratio, as value head h reads key head ``h // (HV / H)``), by channels (the depthwise conv) or
 by rows (the gated norm, over anything but its last dim), and, without ``cu_seqlens``, by
-batch rows. No strategy splits the tokens of a sequence (each chunk starts from the state the
+batch rows. The split by heads is offered only when H and HV both divide by the ranks. No strategy splits the tokens of a sequence (each chunk starts from the state the
 one before it left), nor a packed batch: DTensor redistributes such inputs to one of the
 placements here. The in-place decode-step ops
 (``gated_delta_rule_decode``, ``causal_conv1d_update``) have none: they write pools that
@@ -32,10 +32,12 @@ def _gated_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2no
     rep = Replicate()
     replicated = ([rep, rep], [rep, rep, rep, rep, rep, None, _optional(initial_state, rep),
                                _optional(cu_seqlens, rep), None, None])
-    heads = Shard(2)
-    by_heads = ([heads, Shard(1)], [heads, heads, heads, heads, heads, None,
-                                   _optional(initial_state, Shard(1)), _optional(cu_seqlens, rep), None, None])
-    out = [replicated, by_heads]
+    out = [replicated]
+    ranks = q.mesh.size()
+    if q.shape[2] % ranks == 0 and v.shape[2] % ranks == 0:  # even splits: every rank keeps the GVA ratio
+        heads = Shard(2)
+        out.append(([heads, Shard(1)], [heads, heads, heads, heads, heads, None, _optional(initial_state, Shard(1)),
+                                        _optional(cu_seqlens, rep), None, None]))
     if cu_seqlens is None:
         rows = Shard(0)
         out.append(([rows, rows], [rows, rows, rows, rows, rows, None, _optional(initial_state, rows), None, None,

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from graphdelta import checks
-from graphdelta.parallel.plan import tensor_parallel
 from graphdelta.runtime.layers import ModelSpec
 from graphdelta.runtime.runner import Runner, compiled_state_layout, token_ids, unwrap
 
@@ -160,7 +159,7 @@ def generate(
     active: dict[int, tuple[int, int]] = {}  # slot -> (prompt index, last token)
     owned: set[int] = set()  # slots this call allocated and has not freed yet
 
-    tp = tensor_parallel(runner.model)
+    tp = getattr(runner.model, "_graphdelta_tp", None)  # graphdelta.parallelize's record
 
     def decide(logits: Tensor) -> Tensor:
         """The next tokens, sampled on the first rank and sent to the others under tensor

@@ -191,6 +191,7 @@ class Runner:
 
         self._recompile_limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable
         self._compiling = False  # inside the first call of a static step shape (_first_of)
+        self._entries: int | None = None  # the step frame's compiled entries after this runner's last compile
         self.skip_guards = skip_guards and hasattr(torch.compiler, "set_stance")
 
     # ------------------------------------------------------------------ sequences
@@ -349,6 +350,7 @@ class Runner:
                 yield
             finally:
                 self._compiling = False
+                self._entries = _compiled_entries()  # what may be chosen among with guards skipped
 
     @torch.no_grad()  # as the steps run: Dynamo guards on grad mode, and would compile again
     def prepare(self, batch: int, shortest: int, longest: int) -> None:
@@ -416,9 +418,40 @@ class Runner:
         make a new Runner (``skip_guards=False`` keeps the guards)."""
         if self._compiling or not self.compile_steps:
             return self._recompile_limit
-        if not self.skip_guards:
+        if not self._may_skip_guards():
             return contextlib.nullcontext()
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+    def _may_skip_guards(self) -> bool:
+        """Whether this step may run with the guards skipped: only under Dynamo's default
+        stance (a user's ``force_eager`` etc. stays in force), and only while the step frame's
+        compiled entries are the ones there were after this runner's last compile. Fewer means
+        Dynamo's caches were reset (``torch._dynamo.reset``): the runner's shapes are forgotten,
+        to be compiled again with their guards; more means another runner compiled this frame
+        since: the guards run until this runner's next compile. Either way no shape can reach
+        an entry that was not compiled for it. The stance is process-wide: compiled code that
+        other threads run during a step skips its guards too (the runners' steps take turns
+        under one lock, ``static_experts``)."""
+        stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+        if (not self.skip_guards or getattr(stance, "stance", None) != "default"
+                or getattr(stance, "backend", None) is not None or getattr(stance, "skip_guard_eval_unsafe", True)):
+            return False
+        entries = _compiled_entries()
+        if entries is None or entries != self._entries:
+            if entries is not None and self._entries is not None and entries < self._entries:
+                self._static_keys.clear()
+                self._entries = None
+            return False
+        return True
+
+
+def _compiled_entries() -> int | None:
+    """How many compiled entries Dynamo holds for the step's frame (``HybridForward.forward``),
+    all runners together; None where this torch cannot tell."""
+    try:
+        return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(HybridForward.forward.__code__))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
 
 
 def _compiled_step(forward: Callable, options: dict | None) -> Callable:
