@@ -49,15 +49,18 @@ class _Reader:
     def __init__(self, files: dict[str, str]):
         self.files = files
         self.bytes_read = 0
+        self._shapes: dict[str, list[int]] = {}  # headers read once (the shape check, then the slicing)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def shape(self, name: str) -> list[int]:
-        from safetensors import safe_open
+        if name not in self._shapes:
+            from safetensors import safe_open
 
-        with safe_open(self.files[name], "pt") as f:
-            return f.get_slice(name).get_shape()
+            with safe_open(self.files[name], "pt") as f:
+                self._shapes[name] = f.get_slice(name).get_shape()
+        return list(self._shapes[name])
 
     def read(self, name: str, dim: int | None = None, ranges: tuple[tuple[int, int], ...] = ()) -> Tensor:
         from safetensors import safe_open

@@ -162,6 +162,12 @@ def _mlp(m: nn.Module, n: int) -> dict[str, ParallelStyle]:
     return plan
 
 
+def _join(module: str, key: str) -> str:
+    """A plan key under ``module``: ``"conv1d"`` -> ``module.conv1d``, ``""`` -> ``module``,
+    ``"#heads"`` -> ``module#heads`` (a further style on the module itself)."""
+    return module + ("." + key if key and not key.startswith("#") else key)
+
+
 def build_plan(model: nn.Module, ranks: int) -> tuple[dict[str, ParallelStyle], ModelSpec]:
     """The plan (module path -> style; ``path#tag`` lets one module take several styles) and
     the local ``ModelSpec``. Raises, naming the numbers, before anything is changed."""
@@ -181,9 +187,8 @@ def build_plan(model: nn.Module, ranks: int) -> tuple[dict[str, ParallelStyle], 
         else:
             name = "self_attn"
             part, kv_local = _attention(layer.self_attn, ranks, text)
-        plan.update({path + name + ("." + k if k and not k.startswith("#") else k): v for k, v in part.items()})
-        plan.update({path + "mlp" + ("." + k if k and not k.startswith("#") else k): v
-                     for k, v in _mlp(layer.mlp, ranks).items()})
+        for module, styles in ((name, part), ("mlp", _mlp(layer.mlp, ranks))):
+            plan.update({_join(path + module, k): v for k, v in styles.items()})
     lin = spec.linear
     local = dataclasses.replace(
         spec, attention=dataclasses.replace(spec.attention, kv_heads=kv_local),

@@ -2,14 +2,14 @@
 users who call them on DTensors: ``parallelize`` never needs them (its styles hand the ops
 plain local shards), but a model sharded with torch's own styles, or user code, may.
 
-Every op accepts replicated inputs, and splits by heads (the gated delta rule: q/k on their
-key heads, v/g/beta and the state on their value heads, a contiguous split keeping the GVA
-ratio, as value head h reads key head ``h // (HV / H)``), by channels (the depthwise conv) or
-by rows (the gated norm, over anything but its last dim), and, without ``cu_seqlens``, by
-batch rows. The split by heads is offered only when H and HV both divide by the ranks. No strategy splits the tokens of a sequence (each chunk starts from the state the
-one before it left), nor a packed batch: DTensor redistributes such inputs to one of the
-placements here. The in-place decode-step ops
-(``gated_delta_rule_decode``, ``causal_conv1d_update``) have none: they write pools that
+Every op accepts replicated inputs, and splits by heads (the gated delta rule: q/k on their key
+heads, v/g/beta and the state on their value heads, a contiguous split keeping the GVA ratio, as
+value head h reads key head ``h // (HV / H)``), by channels (the depthwise conv) or by rows (the
+gated norm, over anything but its last dim), and, without ``cu_seqlens``, by batch rows. The
+split by heads is offered only when H and HV both divide by the ranks. No strategy splits the
+tokens of a sequence (each chunk starts from the state the one before it left), nor a packed
+batch: DTensor redistributes such inputs to one of the placements here. The in-place decode-step
+ops (``gated_delta_rule_decode``, ``causal_conv1d_update``) have none: they write pools that
 ``graphdelta.generate`` keeps as local tensors.
 """
 from __future__ import annotations

@@ -102,7 +102,8 @@ class Split(ParallelStyle):
             try:
                 piece_ranges(param.shape[dim], self.segments, 0, ranks // self.copies)
             except ValueError as err:
-                raise ValueError(f"{type(module).__name__}.{name} {tuple(param.shape)} over {ranks} ranks: {err}") from None
+                raise ValueError(f"{type(module).__name__}.{name} {tuple(param.shape)} over {ranks} ranks: "
+                                 f"{err}") from None
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         rank, size = _rank(device_mesh)

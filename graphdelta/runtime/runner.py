@@ -186,7 +186,8 @@ class Runner:
         # wrapper calls them from one C++ function (tiny Qwen3-Next, batch 1: 0.73 ms against
         # 0.99 ms per step, best of 120).
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-        self._forward = _compiled_step(self.forward, options) if compile_steps else self.forward
+        # one compilation per static shape (_dynamo_context: how each call runs)
+        self._forward = torch.compile(self.forward, dynamic=False, options=options) if compile_steps else self.forward
         from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
 
         self._recompile_limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable
@@ -452,9 +453,3 @@ def _compiled_entries() -> int | None:
         return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(HybridForward.forward.__code__))
     except (AttributeError, RuntimeError, TypeError):
         return None
-
-
-def _compiled_step(forward: Callable, options: dict | None) -> Callable:
-    """``forward`` under torch.compile, one compilation per static shape."""
-    return torch.compile(forward, dynamic=False, options=options)
-
