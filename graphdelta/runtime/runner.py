@@ -414,7 +414,8 @@ class Runner:
         rest to eager). Later calls skip Dynamo's guard evaluation, except the guards that tell
         the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
         guards check (its modules, its cache, the step's shapes, no autograd), and evaluating
-        them cost 0.09 ms of a 0.85 ms step of the shipped model (benchmarks/token_overhead.py).
+        them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
+        model's compiled step went from 0.84 to 0.72 ms, benchmarks/token_overhead.py).
         So a runner's model must not change dtype, device or modules after the runner is made:
         make a new Runner (``skip_guards=False`` keeps the guards)."""
         if self._compiling or not self.compile_steps:
