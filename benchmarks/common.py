@@ -56,6 +56,17 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (CPU timings differ by vendor: MKL's GEMV runs at half inductor's
+    reduction rate on AMD EPYC), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown"
+
+
 def environment() -> dict:
     import transformers
     import triton
@@ -63,6 +74,7 @@ def environment() -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": _cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,

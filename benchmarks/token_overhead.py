@@ -1,11 +1,17 @@
-"""Where a decoded token's time goes, end to end, on the shipped tiny Qwen3-Next (batch 1, CPU):
-``graphdelta.generate`` per token, ``Runner.decode`` per step (no sampling, no streaming), and
-the compiled step alone (``Runner._run``: no validation, no cache bookkeeping). The
-differences are the per-token overhead of generate and of the runner around the step.
+"""Where a decoded token's time goes, end to end, batch 1, CPU: ``graphdelta.generate`` per
+token, ``Runner.decode`` per step (no sampling, no streaming), and the compiled step alone
+(``Runner._run``: no validation, no cache bookkeeping). The differences are the per-token
+overhead of generate and of the runner around the step.
 
     python benchmarks/token_overhead.py [--tokens 200] [--rounds 5] [--threads 2]
+    python benchmarks/token_overhead.py --config mid --experts batched_mm
 
-Each round times the three in turn; the table gives medians of the rounds. Writes
+``--config``: ``embedded`` (the shipped trained tiny Qwen3-Next) or ``mid`` (hidden 1024, 8
+layers, random weights, the dimensions of benchmarks/llamacpp.py's). ``--experts``: the MoE
+dispatch of the compiled steps (default: the runner's own choice). Dispatches are compared in
+separate runs, one after the other: two runners' compiled steps in one process share Dynamo's
+frame, and a runner skips guard evaluation only while the frame's entries are its own. Each
+round times the three in turn; the table gives medians of the rounds. Writes
 token_overhead.{json,md} to the results folder (``common.results_dir()``).
 """
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,17 +32,27 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
+    parser.add_argument("--experts", default=None,
+                        help="MoE dispatch of the compiled steps (default: the runner's choice)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     import graphdelta
-    from graphdelta.runtime.generate import generate, runner_for
+    from graphdelta.runtime.generate import generate
+    from graphdelta.runtime.runner import Runner
 
     model, tokenizer = graphdelta.assets.load_default_model()
-    compiled = graphdelta.compile(model)
     ids = tokenizer("import os\n\n\ndef ", return_tensors="pt").input_ids
+    if args.config == "mid":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import models
+
+        model = models.build("qwen3_next", hidden=1024, layers=8)  # vocabulary 512: holds the prompt's ids
+    compiled = graphdelta.compile(model)
     N = args.tokens
-    runner = runner_for(compiled, max_seqs=1, max_len=ids.shape[1] + N + 1, compile_steps=True)
+    runner = Runner(compiled, max_seqs=1, max_len=ids.shape[1] + N + 1, compile_steps=True)
+    runner.experts = args.experts or runner.experts
     generate(compiled, ids, max_new_tokens=N, eos_token_id=[], runner=runner)  # compiles the steps
     times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "compiled step": []}
     with torch.no_grad():  # as the runner's steps run (Dynamo guards on grad mode)
@@ -62,12 +79,12 @@ def main(argv=None) -> None:
             for _ in range(N):
                 runner._run(tokens, slots, starts, window, False)
             times["compiled step"].append((time.perf_counter() - start) / N)
-    rows = [{"what": name, "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": 1 / statistics.median(t)}
+    rows = [{"config": args.config, "experts": runner.experts, "what": name, "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": 1 / statistics.median(t)}
             for name, t in times.items()]
     for row in rows:
         print(row, flush=True)
     command = "python benchmarks/token_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(write_results("token_overhead", rows, ["what", "ms_per_token", "tokens_per_s"], command.strip()))
+    print(write_results("token_overhead", rows, ["config", "experts", "what", "ms_per_token", "tokens_per_s"], command.strip()))
 
 
 if __name__ == "__main__":

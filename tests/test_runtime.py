@@ -1,6 +1,7 @@
 """The runtime against transformers and against itself: greedy parity with ``model.generate``,
 slot isolation, chunked == one-shot prefill, snapshots, truncation atomicity, speculative
 rollback, sampling and streaming. Tiny fp32 models on CPU (tests/models.py)."""
+import contextlib
 import re
 
 import pytest
@@ -200,6 +201,35 @@ def test_compiled_steps_match_eager_steps(qwen):
         torch.testing.assert_close(a[:3], b[:3], atol=ATOL, rtol=0)
 
 
+def test_cpu_steps_turn_one_row_matmuls_into_reductions_of_any_size():
+    """CPU steps compile batch-1 matmuls as inductor's reductions (faster than MKL's GEMV), for
+    weights past the pass's default size limit too, which is lifted only while a step compiles
+    (and restored when that compile fails); the result is the matmul's."""
+    from torch._dynamo.utils import counters
+
+    from graphdelta.runtime import runner as module
+
+    if module._DECOMPOSE is None:
+        pytest.skip("this torch has no decompose_mm_pass")
+    default = module._DECOMPOSE.cpu_max_other_dimension_decomposition
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in [(1, 96), (default + 40, 96), (default + 40,)])
+    counters.clear()
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: torch.nn.functional.linear(x, w, b), dynamic=False,
+                         options=module._cpu_step_options())
+    with torch.no_grad(), module._compiling(contextlib.nullcontext(), torch.device("cpu")):
+        assert module._DECOMPOSE.cpu_max_other_dimension_decomposition > default
+        got = step(x)
+    assert module._DECOMPOSE.cpu_max_other_dimension_decomposition == default
+    assert counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"] == 1
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="inside"):
+        with module._compiling(contextlib.nullcontext(), torch.device("cpu")):
+            raise RuntimeError("inside")
+    assert module._DECOMPOSE.cpu_max_other_dimension_decomposition == default
+
+
 def test_compiled_steps_skip_guards_only_once_compiled(qwen):
     """Compiled steps skip Dynamo's guard evaluation after their first call: the guards that
     tell the compiled shapes apart still choose the step, so decoding across a window bucket
@@ -243,7 +273,8 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
         again.append(last)
     torch.testing.assert_close(torch.stack(again), logits[0][:4], atol=ATOL, rtol=0)
     # the first step sees the reset and runs with its guards; the shapes are then compiled anew
-    assert chosen == [(False, "nullcontext"), (True, "ConfigPatch"), (True, "ConfigPatch"), (False, "set_stance")]
+    assert chosen == [(False, "nullcontext"), (True, "_GeneratorContextManager"), (True, "_GeneratorContextManager"),
+                      (False, "set_stance")]  # compiling: _compiling (recompile limit, CPU matmul limit)
     with torch.compiler.set_stance("force_eager"):  # a stance of the user's is kept: no skipping
         static.decode([slot], [7])
     assert chosen[-1] == (False, "nullcontext")

@@ -184,8 +184,8 @@ class Runner:
         self.experts = experts_implementation(self.device, param.dtype)  # MoE dispatch of static steps
         # A tiny step's time is mostly the Python around its kernels: on CPU, inductor's C++
         # wrapper calls them from one C++ function (tiny Qwen3-Next, batch 1: 0.73 ms against
-        # 0.99 ms per step, best of 120).
-        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        # 0.99 ms per step, best of 120). A larger one's is reading its weights (_cpu_step_options).
+        options = _cpu_step_options() if self.device.type == "cpu" else None
         # one compilation per static shape (_dynamo_context: how each call runs)
         self._forward = torch.compile(self.forward, dynamic=False, options=options) if compile_steps else self.forward
         from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
@@ -418,7 +418,9 @@ class Runner:
         model's compiled step went from 0.84 to 0.72 ms, benchmarks/token_overhead.py).
         So a runner's model must not change dtype, device or modules after the runner is made:
         make a new Runner (``skip_guards=False`` keeps the guards)."""
-        if self._compiling or not self.compile_steps:
+        if self._compiling:
+            return _compiling(self._recompile_limit, self.device)
+        if not self.compile_steps:
             return self._recompile_limit
         if not self._may_skip_guards():
             return contextlib.nullcontext()
@@ -445,6 +447,49 @@ class Runner:
                 self._entries = None
             return False
         return True
+
+
+def _cpu_step_options() -> dict[str, Any]:
+    """inductor's options for CPU steps. At batch 1 every projection is a matrix-vector
+    product bound by reading its weights, and MKL's GEMV reads them at about half the rate of
+    the reduction inductor generates for it (AMD EPYC, 2 threads, weights from memory: 1024x1024
+    2.2x, 4096x2048 1.7x, 32768x2048 2.1x faster; ``benchmarks/token_overhead.py --config mid``:
+    about 22 -> 12.6 ms per compiled step, BENCHMARKS.md). inductor's ``decompose_mm_pass`` turns
+    a one-row ``mm`` / ``addmm`` / ``bmm`` into that reduction; ``_compiling`` lifts its size
+    limit. Rows of batch 2 and up stay matrix products (the pass's own first-dimension limit)."""
+    options: dict[str, Any] = {"cpp_wrapper": True}
+    if _DECOMPOSE is not None:
+        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+    return options
+
+
+def _decompose_module():
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as module
+    except ImportError:
+        return None
+    return module if isinstance(getattr(module, "cpu_max_other_dimension_decomposition", None), int) else None
+
+
+_DECOMPOSE = _decompose_module()
+
+
+@contextlib.contextmanager
+def _compiling(recompile_limit, device: torch.device):
+    """The first call of a static step shape: under the compiler's recompile limit, and on CPU
+    with inductor's one-row matmul decomposition for weights of any size. Its default limit
+    (2048 on both sides) is read once, when inductor imports the pass, and would leave a real
+    model's larger projections and LM head to MKL's GEMV; the limit is set for this compile only."""
+    with recompile_limit:
+        if device.type != "cpu" or _DECOMPOSE is None:
+            yield
+            return
+        saved = _DECOMPOSE.cpu_max_other_dimension_decomposition
+        _DECOMPOSE.cpu_max_other_dimension_decomposition = 1 << 62
+        try:
+            yield
+        finally:
+            _DECOMPOSE.cpu_max_other_dimension_decomposition = saved
 
 
 def _compiled_entries() -> int | None:
