@@ -36,6 +36,12 @@ def main(argv=None) -> None:
     parser.add_argument("--experts", default=None,
                         help="MoE dispatch of the compiled steps (default: the runner's choice)")
     args = parser.parse_args(argv)
+    if args.experts is not None:  # checked before the slow part
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        known = ["eager", *ALL_EXPERTS_FUNCTIONS]
+        if args.experts not in known:
+            parser.error(f"--experts {args.experts!r}: not one of transformers' experts functions {known}")
     torch.set_num_threads(args.threads)
 
     import graphdelta
@@ -79,12 +85,14 @@ def main(argv=None) -> None:
             for _ in range(N):
                 runner._run(tokens, slots, starts, window, False)
             times["compiled step"].append((time.perf_counter() - start) / N)
-    rows = [{"config": args.config, "experts": runner.experts, "what": name, "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": 1 / statistics.median(t)}
+    rows = [{"config": args.config, "experts": runner.experts, "what": name,
+             "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": 1 / statistics.median(t)}
             for name, t in times.items()]
     for row in rows:
         print(row, flush=True)
     command = "python benchmarks/token_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(write_results("token_overhead", rows, ["config", "experts", "what", "ms_per_token", "tokens_per_s"], command.strip()))
+    columns = ["config", "experts", "what", "ms_per_token", "tokens_per_s"]
+    print(write_results("token_overhead", rows, columns, command.strip()))
 
 
 if __name__ == "__main__":

@@ -411,7 +411,7 @@ class Runner:
         """How a compiled step runs. Its first call per shape (``_first_of``) compiles it, under
         the compiler's recompile limit (each (batch bucket, T, window) is a compilation of the
         same frames, and Dynamo's default limit of 8 per code object would quietly send the
-        rest to eager). Later calls skip Dynamo's guard evaluation, except the guards that tell
+        rest to eager), on CPU with inductor's matmul size limit lifted (``_compiling``). Later calls skip Dynamo's guard evaluation, except the guards that tell
         the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
         guards check (its modules, its cache, the step's shapes, no autograd), and evaluating
         them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
@@ -464,6 +464,8 @@ def _cpu_step_options() -> dict[str, Any]:
 
 
 def _decompose_module():
+    """inductor's one-row matmul decomposition pass, where this torch has it with the CPU size
+    limit that ``_compiling`` lifts; None elsewhere (steps then compile without it)."""
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as module
     except ImportError:
