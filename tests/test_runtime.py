@@ -201,28 +201,57 @@ def test_compiled_steps_match_eager_steps(qwen):
         torch.testing.assert_close(a[:3], b[:3], atol=ATOL, rtol=0)
 
 
-def test_cpu_steps_turn_one_row_matmuls_into_reductions_of_any_size():
-    """CPU steps compile batch-1 matmuls as inductor's reductions (faster than MKL's GEMV), for
-    weights past the pass's default size limit too, which is lifted only while a step compiles
-    (and restored when that compile fails); the result is the matmul's."""
-    from torch._dynamo.utils import counters
-
+def _spy_on_the_decomposition(monkeypatch):
+    """What inductor's one-row matmul pass decides per matmul during a compile: [(size limit
+    in force, decomposed?)]. (inductor's counters of the same name also count its own
+    decompositions of tiny dot products, so they cannot tell.)"""
     from graphdelta.runtime import runner as module
 
     if module._DECOMPOSE is None:
         pytest.skip("this torch has no decompose_mm_pass")
+    decisions = []
+    decide = module._DECOMPOSE.should_decompose_mm
+
+    def spy(mat1, mat2):
+        decisions.append((module._DECOMPOSE.cpu_max_other_dimension_decomposition, decide(mat1, mat2)))
+        return decisions[-1][1]
+
+    monkeypatch.setattr(module._DECOMPOSE, "should_decompose_mm", spy)
+    return module, decisions
+
+
+def test_runner_steps_compile_with_the_matmul_limit_lifted(qwen, monkeypatch):
+    """A runner's compiled CPU step decomposes its one-row matmuls whatever the pass's size limit
+    (lowered to 1 here, so that every weight of the tiny model is past it), and leaves the limit
+    as it was."""
+    module, decisions = _spy_on_the_decomposition(monkeypatch)
+    monkeypatch.setattr(module._DECOMPOSE, "cpu_max_other_dimension_decomposition", 1)
+    runner = Runner(qwen, max_seqs=1, max_len=16, compile_steps=True)
+    slot = runner.allocate()
+    last = runner.prefill([slot], [tokens(5, seed=1)[0]])
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        runner.decode([slot], last.argmax(-1).tolist())  # compiles the step
+    assert decisions and all(limit == module._LIFTED and decomposed for limit, decomposed in decisions)
+    assert module._DECOMPOSE.cpu_max_other_dimension_decomposition == 1
+
+
+def test_cpu_steps_turn_one_row_matmuls_into_reductions_of_any_size(monkeypatch):
+    """CPU steps compile batch-1 matmuls as inductor's reductions (faster than MKL's GEMV), for
+    weights past the pass's default size limit too, which is lifted only while a step compiles
+    (and restored when that compile fails); the result is the matmul's."""
+    module, decisions = _spy_on_the_decomposition(monkeypatch)
     default = module._DECOMPOSE.cpu_max_other_dimension_decomposition
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g) for s in [(1, 96), (default + 40, 96), (default + 40,)])
-    counters.clear()
-    options = {**module._cpu_step_options(), "fx_graph_cache": False}  # a cached graph skips the passes
-    step = torch.compile(lambda x: torch.nn.functional.linear(x, w, b), dynamic=False, options=options)
-    with (torch.no_grad(), torch._functorch.config.patch(enable_autograd_cache=False),
+    step = torch.compile(lambda x: torch.nn.functional.linear(x, w, b), dynamic=False,
+                         options=module._cpu_step_options())
+    with (torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False),
+          torch._functorch.config.patch(enable_autograd_cache=False),
           module._compiling(contextlib.nullcontext(), torch.device("cpu"))):
         assert module._DECOMPOSE.cpu_max_other_dimension_decomposition > default
         got = step(x)
     assert module._DECOMPOSE.cpu_max_other_dimension_decomposition == default
-    assert counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"] == 1
+    assert decisions == [(module._LIFTED, True)]
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
     with pytest.raises(RuntimeError, match="inside"):
         with module._compiling(contextlib.nullcontext(), torch.device("cpu")):
@@ -273,11 +302,12 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
         again.append(last)
     torch.testing.assert_close(torch.stack(again), logits[0][:4], atol=ATOL, rtol=0)
     # the first step sees the reset and runs with its guards; the shapes are then compiled anew
-    assert chosen == [(False, "nullcontext"), (True, "_GeneratorContextManager"), (True, "_GeneratorContextManager"),
-                      (False, "set_stance")]  # compiling: _compiling (recompile limit, CPU matmul limit)
+    # (with the guards evaluated, a step may compile: _compiling's limits apply, as to a first call)
+    compiling = "_GeneratorContextManager"
+    assert chosen == [(False, compiling), (True, compiling), (True, compiling), (False, "set_stance")]
     with torch.compiler.set_stance("force_eager"):  # a stance of the user's is kept: no skipping
         static.decode([slot], [7])
-    assert chosen[-1] == (False, "nullcontext")
+    assert chosen[-1] == (False, compiling)
 
 
 def test_static_steps_read_a_window_bucket(qwen):

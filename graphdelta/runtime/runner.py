@@ -411,19 +411,19 @@ class Runner:
         """How a compiled step runs. Its first call per shape (``_first_of``) compiles it, under
         the compiler's recompile limit (each (batch bucket, T, window) is a compilation of the
         same frames, and Dynamo's default limit of 8 per code object would quietly send the
-        rest to eager), on CPU with inductor's matmul size limit lifted (``_compiling``). Later calls skip Dynamo's guard evaluation, except the guards that tell
-        the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
+        rest to eager), on CPU with inductor's matmul size limit lifted (``_compiling``), and so
+        does every call that evaluates its guards (one may compile: after a Dynamo reset, or
+        after another runner compiled the frame). Later calls skip Dynamo's guard evaluation,
+        except the guards that tell the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
         guards check (its modules, its cache, the step's shapes, no autograd), and evaluating
         them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
         model's compiled step went from 0.84 to 0.72 ms, benchmarks/token_overhead.py).
         So a runner's model must not change dtype, device or modules after the runner is made:
         make a new Runner (``skip_guards=False`` keeps the guards)."""
-        if self._compiling:
+        if self._compiling or (self.compile_steps and not self._may_skip_guards()):
             return _compiling(self._recompile_limit, self.device)
         if not self.compile_steps:
             return self._recompile_limit
-        if not self._may_skip_guards():
-            return contextlib.nullcontext()
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def _may_skip_guards(self) -> bool:
@@ -455,11 +455,16 @@ def _cpu_step_options() -> dict[str, Any]:
     the reduction inductor generates for it (AMD EPYC, 2 threads, weights from memory: 1024x1024
     2.2x, 4096x2048 1.7x, 32768x2048 2.1x faster; ``benchmarks/token_overhead.py --config mid``:
     about 22 -> 12.6 ms per compiled step, BENCHMARKS.md). inductor's ``decompose_mm_pass`` turns
-    a one-row ``mm`` / ``addmm`` / ``bmm`` into that reduction; ``_compiling`` lifts its size
-    limit. Rows of batch 2 and up stay matrix products (the pass's own first-dimension limit)."""
+    a one-row ``mm`` / ``addmm`` (and a ``bmm`` of batch 1) into that reduction; ``_compiling``
+    lifts its size limit. Matmuls of 2 rows and up (batch 2 and up, verify steps) stay matrix
+    products: the pass's own first-dimension limit. The lifted limit is written into the pass's
+    options too, where the pass ignores it, so that inductor's caches keep graphs compiled with
+    and without it apart. A user's own ``post_grad_fusion_options`` are kept."""
     options: dict[str, Any] = {"cpp_wrapper": True}
     if _DECOMPOSE is not None:
-        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+        options["post_grad_fusion_options"] = {
+            **torch._inductor.config.post_grad_fusion_options,
+            "decompose_mm_pass": {"cpu_max_other_dimension_decomposition": _LIFTED}}
     return options
 
 
@@ -474,6 +479,7 @@ def _decompose_module():
 
 
 _DECOMPOSE = _decompose_module()
+_LIFTED = 1 << 62  # no weight is this large
 
 
 @contextlib.contextmanager
@@ -487,7 +493,7 @@ def _compiling(recompile_limit, device: torch.device):
             yield
             return
         saved = _DECOMPOSE.cpu_max_other_dimension_decomposition
-        _DECOMPOSE.cpu_max_other_dimension_decomposition = 1 << 62
+        _DECOMPOSE.cpu_max_other_dimension_decomposition = _LIFTED
         try:
             yield
         finally:
