@@ -207,16 +207,16 @@ def _spy_on_the_decomposition(monkeypatch):
     decompositions of tiny dot products, so they cannot tell.)"""
     from graphdelta.runtime import runner as module
 
-    if module._DECOMPOSE is None:
+    if module._decompose_module() is None:
         pytest.skip("this torch has no decompose_mm_pass")
     decisions = []
-    decide = module._DECOMPOSE.should_decompose_mm
+    decide = module._decompose_module().should_decompose_mm
 
     def spy(mat1, mat2):
-        decisions.append((module._DECOMPOSE.cpu_max_other_dimension_decomposition, decide(mat1, mat2)))
+        decisions.append((module._decompose_module().cpu_max_other_dimension_decomposition, decide(mat1, mat2)))
         return decisions[-1][1]
 
-    monkeypatch.setattr(module._DECOMPOSE, "should_decompose_mm", spy)
+    monkeypatch.setattr(module._decompose_module(), "should_decompose_mm", spy)
     return module, decisions
 
 
@@ -225,14 +225,14 @@ def test_runner_steps_compile_with_the_matmul_limit_lifted(qwen, monkeypatch):
     (lowered to 1 here, so that every weight of the tiny model is past it), and leaves the limit
     as it was."""
     module, decisions = _spy_on_the_decomposition(monkeypatch)
-    monkeypatch.setattr(module._DECOMPOSE, "cpu_max_other_dimension_decomposition", 1)
+    monkeypatch.setattr(module._decompose_module(), "cpu_max_other_dimension_decomposition", 1)
     runner = Runner(qwen, max_seqs=1, max_len=16, compile_steps=True)
     slot = runner.allocate()
     last = runner.prefill([slot], [tokens(5, seed=1)[0]])
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         runner.decode([slot], last.argmax(-1).tolist())  # compiles the step
     assert decisions and all(limit == module._LIFTED and decomposed for limit, decomposed in decisions)
-    assert module._DECOMPOSE.cpu_max_other_dimension_decomposition == 1
+    assert module._decompose_module().cpu_max_other_dimension_decomposition == 1
 
 
 def test_cpu_steps_turn_one_row_matmuls_into_reductions_of_any_size(monkeypatch):
@@ -240,7 +240,7 @@ def test_cpu_steps_turn_one_row_matmuls_into_reductions_of_any_size(monkeypatch)
     weights past the pass's default size limit too, which is lifted only while a step compiles
     (and restored when that compile fails); the result is the matmul's."""
     module, decisions = _spy_on_the_decomposition(monkeypatch)
-    default = module._DECOMPOSE.cpu_max_other_dimension_decomposition
+    default = module._decompose_module().cpu_max_other_dimension_decomposition
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g) for s in [(1, 96), (default + 40, 96), (default + 40,)])
     step = torch.compile(lambda x: torch.nn.functional.linear(x, w, b), dynamic=False,
@@ -248,15 +248,15 @@ def test_cpu_steps_turn_one_row_matmuls_into_reductions_of_any_size(monkeypatch)
     with (torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False),
           torch._functorch.config.patch(enable_autograd_cache=False),
           module._compiling(contextlib.nullcontext(), torch.device("cpu"))):
-        assert module._DECOMPOSE.cpu_max_other_dimension_decomposition > default
+        assert module._decompose_module().cpu_max_other_dimension_decomposition > default
         got = step(x)
-    assert module._DECOMPOSE.cpu_max_other_dimension_decomposition == default
+    assert module._decompose_module().cpu_max_other_dimension_decomposition == default
     assert decisions == [(module._LIFTED, True)]
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
     with pytest.raises(RuntimeError, match="inside"):
         with module._compiling(contextlib.nullcontext(), torch.device("cpu")):
             raise RuntimeError("inside")
-    assert module._DECOMPOSE.cpu_max_other_dimension_decomposition == default
+    assert module._decompose_module().cpu_max_other_dimension_decomposition == default
 
 
 def test_compiled_steps_skip_guards_only_once_compiled(qwen):

@@ -34,6 +34,7 @@ from pinned memory that does not block (``to_device``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections import abc
 from typing import Any, Callable, Sequence
@@ -414,9 +415,9 @@ class Runner:
         rest to eager), on CPU with inductor's matmul size limit lifted (``_compiling``), and so
         does every call that evaluates its guards (one may compile: after a Dynamo reset, or
         after another runner compiled the frame). Later calls skip Dynamo's guard evaluation,
-        except the guards that tell the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
-        guards check (its modules, its cache, the step's shapes, no autograd), and evaluating
-        them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
+        except the guards that tell the compiled shapes apart (``skip_guard_eval_unsafe``): the
+        runner fixes what the guards check (its modules, its cache, the step's shapes, no
+        autograd), and evaluating them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
         model's compiled step went from 0.84 to 0.72 ms, benchmarks/token_overhead.py).
         So a runner's model must not change dtype, device or modules after the runner is made:
         make a new Runner (``skip_guards=False`` keeps the guards)."""
@@ -461,16 +462,18 @@ def _cpu_step_options() -> dict[str, Any]:
     options too, where the pass ignores it, so that inductor's caches keep graphs compiled with
     and without it apart. A user's own ``post_grad_fusion_options`` are kept."""
     options: dict[str, Any] = {"cpp_wrapper": True}
-    if _DECOMPOSE is not None:
+    if _decompose_module() is not None:
         options["post_grad_fusion_options"] = {
             **torch._inductor.config.post_grad_fusion_options,
             "decompose_mm_pass": {"cpu_max_other_dimension_decomposition": _LIFTED}}
     return options
 
 
+@functools.cache
 def _decompose_module():
     """inductor's one-row matmul decomposition pass, where this torch has it with the CPU size
-    limit that ``_compiling`` lifts; None elsewhere (steps then compile without it)."""
+    limit that ``_compiling`` lifts; None elsewhere (steps then compile without it). Imported
+    when a CPU runner is made, not with graphdelta: importing inductor takes seconds."""
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as module
     except ImportError:
@@ -478,26 +481,27 @@ def _decompose_module():
     return module if isinstance(getattr(module, "cpu_max_other_dimension_decomposition", None), int) else None
 
 
-_DECOMPOSE = _decompose_module()
 _LIFTED = 1 << 62  # no weight is this large
 
 
 @contextlib.contextmanager
 def _compiling(recompile_limit, device: torch.device):
-    """The first call of a static step shape: under the compiler's recompile limit, and on CPU
-    with inductor's one-row matmul decomposition for weights of any size. Its default limit
-    (2048 on both sides) is read once, when inductor imports the pass, and would leave a real
-    model's larger projections and LM head to MKL's GEMV; the limit is set for this compile only."""
+    """A step call that may compile (a shape's first, or one with its guards evaluated): under
+    the compiler's recompile limit, and on CPU with inductor's one-row matmul decomposition for
+    weights of any size. The pass's default limit (2048 on both sides) is read once, when
+    inductor imports it, and would leave a real model's larger projections and LM head to MKL's
+    GEMV; the limit is lifted for this call only."""
     with recompile_limit:
-        if device.type != "cpu" or _DECOMPOSE is None:
+        module = _decompose_module() if device.type == "cpu" else None
+        if module is None:
             yield
             return
-        saved = _DECOMPOSE.cpu_max_other_dimension_decomposition
-        _DECOMPOSE.cpu_max_other_dimension_decomposition = _LIFTED
+        saved = module.cpu_max_other_dimension_decomposition
+        module.cpu_max_other_dimension_decomposition = _LIFTED
         try:
             yield
         finally:
-            _DECOMPOSE.cpu_max_other_dimension_decomposition = saved
+            module.cpu_max_other_dimension_decomposition = saved
 
 
 def _compiled_entries() -> int | None:
