@@ -1,10 +1,14 @@
-"""Where a decoded token's time goes, end to end, batch 1, CPU: ``graphdelta.generate`` per
-token, ``Runner.decode`` per step (no sampling, no streaming), and the compiled step alone
+"""Where a decoded token's time goes, end to end, CPU: ``graphdelta.generate`` per step,
+``Runner.decode`` per step (no sampling, no streaming), and the compiled step alone
 (``Runner._run``: no validation, no cache bookkeeping). The differences are the per-token
 overhead of generate and of the runner around the step.
 
     python benchmarks/token_overhead.py [--tokens 200] [--rounds 5] [--threads 2]
     python benchmarks/token_overhead.py --config mid --experts batched_mm
+    python benchmarks/token_overhead.py --config mid --batch 4
+
+``--batch``: sequences decoded together (the same prompt each); a step then makes one token for
+each, and the table's ms_per_token is per step, tokens_per_s counts every sequence's tokens.
 
 ``--config``: ``embedded`` (the shipped trained tiny Qwen3-Next) or ``mid`` (hidden 1024, 8
 layers, random weights, the dimensions of benchmarks/llamacpp.py's). ``--experts``: the MoE
@@ -33,9 +37,12 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--experts", default=None,
                         help="MoE dispatch of the compiled steps (default: the runner's choice)")
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch}: must be at least 1")
     if args.experts is not None:  # checked before the slow part
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -56,42 +63,45 @@ def main(argv=None) -> None:
 
         model = models.build("qwen3_next", hidden=1024, layers=8)  # vocabulary 512: holds the prompt's ids
     compiled = graphdelta.compile(model)
-    N = args.tokens
-    runner = Runner(compiled, max_seqs=1, max_len=ids.shape[1] + N + 1, compile_steps=True)
+    N, B = args.tokens, args.batch
+    prompts = ids.expand(B, -1)
+    runner = Runner(compiled, max_seqs=B, max_len=ids.shape[1] + N + 1, compile_steps=True, max_batch=B)
     runner.experts = args.experts or runner.experts
-    generate(compiled, ids, max_new_tokens=N, eos_token_id=[], runner=runner)  # compiles the steps
+    generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B)  # compiles the steps
     times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "compiled step": []}
     with torch.no_grad():  # as the runner's steps run (Dynamo guards on grad mode)
         for _ in range(args.rounds):
             start = time.perf_counter()
-            generate(compiled, ids, max_new_tokens=N, eos_token_id=[], runner=runner)
+            generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B)
             times["generate"].append((time.perf_counter() - start) / N)
 
-            slot = runner.allocate()
-            runner.prefill([slot], [ids[0].tolist()])
-            token = [int(ids[0, -1])]
+            slots = [runner.allocate() for _ in range(B)]
+            runner.prefill(slots, [ids[0].tolist()] * B)
+            token = [int(ids[0, -1])] * B
             start = time.perf_counter()
             for _ in range(N - 1):
-                runner.decode([slot], token)
+                runner.decode(slots, token)
             times["Runner.decode"].append((time.perf_counter() - start) / (N - 1))
-            position = runner.cache.length(slot)
-            runner.free(slot)
+            position = runner.cache.length(slots[0])
+            for slot in slots:
+                runner.free(slot)
 
-            # The step on a free slot's rows, at the window of the last decode: what the runner
-            # calls, without its checks and bookkeeping (the slot's state is scratch now).
-            tokens, slots, starts = torch.tensor([token]), torch.tensor([slot]), torch.tensor([position - 1])
+            # The step on free slots' rows, at the window of the last decode: what the runner
+            # calls, without its checks and bookkeeping (the slots' states are scratch now).
+            tokens, slots = torch.tensor(token)[:, None], torch.tensor(slots)
+            starts = torch.full((B,), position - 1)
             window = runner._window(position)
             start = time.perf_counter()
             for _ in range(N):
                 runner._run(tokens, slots, starts, window, False)
             times["compiled step"].append((time.perf_counter() - start) / N)
-    rows = [{"config": args.config, "experts": runner.experts, "what": name,
-             "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": 1 / statistics.median(t)}
+    rows = [{"config": args.config, "batch": B, "experts": runner.experts, "what": name,
+             "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": B / statistics.median(t)}
             for name, t in times.items()]
     for row in rows:
         print(row, flush=True)
     command = "python benchmarks/token_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    columns = ["config", "experts", "what", "ms_per_token", "tokens_per_s"]
+    columns = ["config", "batch", "experts", "what", "ms_per_token", "tokens_per_s"]
     print(write_results("token_overhead", rows, columns, command.strip()))
 
 
