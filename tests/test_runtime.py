@@ -259,6 +259,42 @@ def test_cpu_steps_turn_one_row_matmuls_into_reductions_of_any_size(monkeypatch)
     assert module._decompose_module().cpu_max_other_dimension_decomposition == default
 
 
+def test_steps_of_a_few_rows_compute_their_matmuls_as_reductions(qwen, monkeypatch):
+    """A compiled CPU step of 2 rows (batch 2) decomposes its 2-row matmuls into reductions too
+    (the row limit is the step's while it compiles, and restored after), but no batched MoE
+    experts matmul (batch rows x top-k, past the limit); its logits are the eager runner's.
+    Steps of more than _LIFTED_ROWS rows, and models with fewer than 2 experts per token,
+    keep the pass's limit of 1."""
+    module, _ = _spy_on_the_decomposition(monkeypatch)
+    pass_ = module._decompose_module()
+    default = pass_.cpu_max_first_dimension_decomposition
+    decisions = []
+    for name in ("should_decompose_mm", "should_decompose_bmm"):
+        def spy(mat1, mat2, decide=getattr(pass_, name), name=name):
+            decisions.append((name, pass_.cpu_max_first_dimension_decomposition, mat1.meta["val"].shape[0],
+                              decide(mat1, mat2)))
+            return decisions[-1][-1]
+
+        monkeypatch.setattr(pass_, name, spy)
+    eager, static = (Runner(qwen, max_seqs=2, max_len=16, compile_steps=c) for c in (False, True))
+    logits = []
+    for runner in (eager, static):
+        slots = [runner.allocate(), runner.allocate()]
+        last = runner.prefill(slots, [tokens(5, seed=1)[0], tokens(3, seed=2)[0]])
+        with (torch._inductor.config.patch(fx_graph_cache=False),
+              torch._functorch.config.patch(enable_autograd_cache=False)):
+            logits.append(runner.decode(slots, last.argmax(-1).tolist()))  # the static one compiles
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)
+    mms = [d for d in decisions if d[0] == "should_decompose_mm"]
+    bmms = [d for d in decisions if d[0] == "should_decompose_bmm"]
+    assert mms and all(limit == 2 and rows == 2 and decomposed for _, limit, rows, decomposed in mms)
+    assert bmms and not any(decomposed for *_, decomposed in bmms)
+    assert pass_.cpu_max_first_dimension_decomposition == default
+    assert [static._reduction_rows(r) for r in (1, 2, 4, 8)] == [1, 2, 4, 1]
+    monkeypatch.setattr(static.forward.experts_configs[0], "num_experts_per_tok", 1)
+    assert static._reduction_rows(2) == 1
+
+
 def test_compiled_steps_skip_guards_only_once_compiled(qwen):
     """Compiled steps skip Dynamo's guard evaluation after their first call: the guards that
     tell the compiled shapes apart still choose the step, so decoding across a window bucket
@@ -269,8 +305,8 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
     chosen = []
     base = static._dynamo_context
 
-    def observed():  # (calling torch.compiler.set_stance sets the stance: once, as _run does)
-        context = base()
+    def observed(rows=1):  # (calling torch.compiler.set_stance sets the stance: once, as _run does)
+        context = base(rows)
         chosen.append((static._compiling, type(context).__name__))
         return context
 

@@ -404,28 +404,46 @@ class Runner:
         if not (self.cuda_graphs or self.compile_steps):
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
-        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context():
+        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(tokens.numel()):
             logits = self._forward(tokens, batch, aux)
         return logits, aux
 
-    def _dynamo_context(self):
-        """How a compiled step runs. Its first call per shape (``_first_of``) compiles it, under
-        the compiler's recompile limit (each (batch bucket, T, window) is a compilation of the
-        same frames, and Dynamo's default limit of 8 per code object would quietly send the
-        rest to eager), on CPU with inductor's matmul size limit lifted (``_compiling``), and so
-        does every call that evaluates its guards (one may compile: after a Dynamo reset, or
-        after another runner compiled the frame). Later calls skip Dynamo's guard evaluation,
-        except the guards that tell the compiled shapes apart (``skip_guard_eval_unsafe``): the
-        runner fixes what the guards check (its modules, its cache, the step's shapes, no
-        autograd), and evaluating them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
-        model's compiled step went from 0.84 to 0.72 ms, benchmarks/token_overhead.py).
-        So a runner's model must not change dtype, device or modules after the runner is made:
-        make a new Runner (``skip_guards=False`` keeps the guards)."""
+    def _dynamo_context(self, rows: int = 1):
+        """How a compiled step of ``rows`` token rows (bucket x T) runs. Its first call per
+        shape (``_first_of``) compiles it, under the compiler's recompile limit (each (batch
+        bucket, T, window) is a compilation of the same frames, and Dynamo's default limit of 8
+        per code object would quietly send the rest to eager), on CPU with inductor's matmul
+        limits lifted (``_compiling``, ``_reduction_rows``), and so does every call that
+        evaluates its guards (one may compile: after a Dynamo reset, or after another runner
+        compiled the frame). Later calls skip Dynamo's guard evaluation, except the guards that
+        tell the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
+        guards check (its modules, its cache, the step's shapes, no autograd), and evaluating
+        them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
+        model's compiled step went from 0.84 to 0.72 ms, benchmarks/token_overhead.py). So a
+        runner's model must not change dtype, device or modules after the runner is made: make
+        a new Runner (``skip_guards=False`` keeps the guards)."""
         if self._compiling or (self.compile_steps and not self._may_skip_guards()):
-            return _compiling(self._recompile_limit, self.device)
+            return _compiling(self._recompile_limit, self.device, self._reduction_rows(rows))
         if not self.compile_steps:
             return self._recompile_limit
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+    def _reduction_rows(self, rows: int) -> int:
+        """Up to how many rows a CPU step's matmuls compile as reductions (``_compiling``):
+        ``rows`` itself from 2 to ``_LIFTED_ROWS``, else 1. Reading the weights bounds a
+        matmul of a few rows as it bounds one of one row, and MKL's GEMM of 2 or 4 rows reads
+        them slower than its GEMV (AMD EPYC, 2 threads, weights from memory, F.linear 1024x1024:
+        2 rows 1.13 -> 0.45 ms, 4 rows 1.92 -> 0.91 ms; at 8 rows MKL is faster again). The
+        pass applies the same limit to a ``bmm``'s batch, and batched MoE experts run one of
+        rows x top-k: with one expert per token it would be decomposed too, which made steps
+        slower (a one-row step's expert bmm of batch 2: mid-size step 13-15 -> 20-23 ms); so
+        models whose experts take fewer than 2 per token (or whose count is unknown) keep 1."""
+        if not 2 <= rows <= _LIFTED_ROWS:
+            return 1
+        per_token = [getattr(c, "num_experts_per_tok", None) for c in self.forward.experts_configs]
+        if any(not isinstance(k, int) or k < 2 for k in per_token):
+            return 1
+        return rows
 
     def _may_skip_guards(self) -> bool:
         """Whether this step may run with the guards skipped: only under Dynamo's default
@@ -457,15 +475,17 @@ def _cpu_step_options() -> dict[str, Any]:
     2.2x, 4096x2048 1.7x, 32768x2048 2.1x faster; ``benchmarks/token_overhead.py --config mid``:
     about 22 -> 12.6 ms per compiled step, BENCHMARKS.md). inductor's ``decompose_mm_pass`` turns
     a one-row ``mm`` / ``addmm`` (and a ``bmm`` of batch 1) into that reduction; ``_compiling``
-    lifts its size limit. Matmuls of 2 rows and up (batch 2 and up, verify steps) stay matrix
-    products: the pass's own first-dimension limit. The lifted limit is written into the pass's
-    options too, where the pass ignores it, so that inductor's caches keep graphs compiled with
-    and without it apart. A user's own ``post_grad_fusion_options`` are kept."""
+    lifts its size limit, and its row limit to a step's rows up to ``_LIFTED_ROWS``
+    (``Runner._reduction_rows``); larger steps' matmuls stay matrix products. The lifted limits
+    are written into the pass's options too, where the pass ignores them (it reads them when
+    imported), so that inductor's caches keep graphs compiled with and without them apart. A
+    user's own ``post_grad_fusion_options`` are kept."""
     options: dict[str, Any] = {"cpp_wrapper": True}
     if _decompose_module() is not None:
         options["post_grad_fusion_options"] = {
             **torch._inductor.config.post_grad_fusion_options,
-            "decompose_mm_pass": {"cpu_max_other_dimension_decomposition": _LIFTED}}
+            "decompose_mm_pass": {"cpu_max_other_dimension_decomposition": _LIFTED,
+                                  "cpu_max_first_dimension_decomposition": _LIFTED_ROWS}}
     return options
 
 
@@ -478,30 +498,34 @@ def _decompose_module():
         from torch._inductor.fx_passes import decompose_mem_bound_mm as module
     except ImportError:
         return None
-    return module if isinstance(getattr(module, "cpu_max_other_dimension_decomposition", None), int) else None
+    limits = ("cpu_max_other_dimension_decomposition", "cpu_max_first_dimension_decomposition")
+    return module if all(isinstance(getattr(module, name, None), int) for name in limits) else None
 
 
 _LIFTED = 1 << 62  # no weight is this large
+_LIFTED_ROWS = 4  # matmuls of up to this many rows may compile as reductions (_reduction_rows)
 
 
 @contextlib.contextmanager
-def _compiling(recompile_limit, device: torch.device):
+def _compiling(recompile_limit, device: torch.device, rows: int = 1):
     """A step call that may compile (a shape's first, or one with its guards evaluated): under
-    the compiler's recompile limit, and on CPU with inductor's one-row matmul decomposition for
-    weights of any size. The pass's default limit (2048 on both sides) is read once, when
-    inductor imports it, and would leave a real model's larger projections and LM head to MKL's
-    GEMV; the limit is lifted for this call only."""
+    the compiler's recompile limit, and on CPU with inductor's matmul decomposition for weights
+    of any size and matmuls of up to ``rows`` rows (``Runner._reduction_rows``). The pass's
+    default limits (2048 for the weight's sides, 1 row) are read once, when inductor imports
+    it, and would leave a real model's larger projections and LM head to MKL's GEMV; they are
+    lifted for this call only."""
     with recompile_limit:
         module = _decompose_module() if device.type == "cpu" else None
         if module is None:
             yield
             return
-        saved = module.cpu_max_other_dimension_decomposition
+        saved = module.cpu_max_other_dimension_decomposition, module.cpu_max_first_dimension_decomposition
         module.cpu_max_other_dimension_decomposition = _LIFTED
+        module.cpu_max_first_dimension_decomposition = max(saved[1], rows)
         try:
             yield
         finally:
-            module.cpu_max_other_dimension_decomposition = saved
+            module.cpu_max_other_dimension_decomposition, module.cpu_max_first_dimension_decomposition = saved
 
 
 def _compiled_entries() -> int | None:

@@ -1,0 +1,128 @@
+"""Compiled CPU decode steps of a few rows: matmuls as MKL's GEMM against inductor's reductions.
+
+    python benchmarks/step_reductions.py [--config embedded|mid] [--batches 2 4] [--pairs 3]
+
+A runner's compiled CPU step computes its matmuls of up to ``_LIFTED_ROWS`` rows (batch x
+tokens) as inductor's reductions (``Runner._reduction_rows``). This times the step of each
+batch compiled both ways: "gemm" with the row limit at 1 (every matmul of 2 rows and up goes to
+MKL), "reductions" with the runner's own choice. Both compile the same frame, and a second
+runner of the same shapes and compile options would reuse the first one's compiled entry: the
+gemm runner compiles with its row limit in its options, which keeps the two entries apart.
+Each pair compiles both after a Dynamo reset, with inductor's caches off (which one compiles
+first alternates between pairs), then times them in turns (a b b a ...: a drift of the machine
+falls on both), each ``Runner._run`` (the step alone, guards evaluated for both) over
+``--rounds`` rounds of ``--steps`` steps. The table gives, per batch, each variant's median
+round over all pairs, their ratio, and the ratio of each pair's medians. Batches of more than
+``_LIFTED_ROWS`` rows (and batch 1) compile the same way in both: a control. Writes
+step_reductions_<config>.{json,md,png} to the results folder (``common.results_dir()``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import write_results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--pairs", type=int, default=3, help="compiles of each variant per batch")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 tiny, 20 mid)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    for name in ("pairs", "rounds", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} {value}: must be at least 1")
+    if any(b < 1 for b in args.batches):
+        parser.error(f"--batches {args.batches}: each must be at least 1")
+    torch.set_num_threads(args.threads)
+
+    import graphdelta
+    from graphdelta.runtime.runner import Runner, _cpu_step_options
+
+    if args.config == "mid":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import models
+
+        model = models.build("qwen3_next", hidden=1024, layers=8)
+    else:
+        model = graphdelta.assets.load_default_model()[0]
+    steps = args.steps or (20 if args.config == "mid" else 200)
+
+    def time_pair(batch: int, first: str) -> tuple[dict[str, list[float]], int]:
+        """ms per step of each round of ``batch``'s step compiled both ways (``first`` first,
+        after a Dynamo reset) and timed in turns (a b b a ...), and the row limit the runner
+        chose."""
+        torch._dynamo.reset()
+        runners = {}
+        tokens, slots = torch.full((batch, 1), 4), torch.arange(batch)
+        starts = torch.full((batch,), 10)  # free slots' rows: scratch state
+        for variant in (first, ({"gemm", "reductions"} - {first}).pop()):
+            runner = Runner(model, max_seqs=batch, max_len=64, compile_steps=True, skip_guards=False,
+                            max_batch=batch)
+            if variant == "gemm":
+                options = _cpu_step_options()
+                options["post_grad_fusion_options"]["decompose_mm_pass"]["cpu_max_first_dimension_decomposition"] = 1
+                runner._forward = torch.compile(runner.forward, dynamic=False, options=options)
+                runner._reduction_rows = lambda rows: 1
+            runner._run(tokens, slots, starts, 64, False)  # compiles
+            runners[variant] = runner
+        times: dict[str, list[float]] = {"gemm": [], "reductions": []}
+        for i in range(2 * args.rounds):
+            variant = (first, ({"gemm", "reductions"} - {first}).pop())[(i + i // 2) % 2]
+            start = time.perf_counter()
+            for _ in range(steps):
+                runners[variant]._run(tokens, slots, starts, 64, False)
+            times[variant].append((time.perf_counter() - start) / steps * 1e3)
+        return times, runners["reductions"]._reduction_rows(batch)
+
+    rows = []
+    with (torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False),
+          torch._functorch.config.patch(enable_autograd_cache=False)):
+        for batch in args.batches:
+            times: dict[str, list[float]] = {"gemm": [], "reductions": []}
+            ratios = []
+            for pair in range(args.pairs):
+                got, limit = time_pair(batch, ("gemm", "reductions")[pair % 2])
+                for variant in times:
+                    times[variant] += got[variant]
+                ratios.append(statistics.median(got["gemm"]) / statistics.median(got["reductions"]))
+                print(f"batch {batch} pair {pair}: gemm {statistics.median(got['gemm']):.3f} ms, "
+                      f"reductions {statistics.median(got['reductions']):.3f} ms per step", flush=True)
+            gemm, reductions = (statistics.median(times[v]) for v in ("gemm", "reductions"))
+            rows.append({"config": args.config, "batch": batch, "row_limit": limit,
+                         "gemm_ms": gemm, "reductions_ms": reductions, "speedup": gemm / reductions,
+                         "pair_speedups": " ".join(f"{r:.2f}" for r in ratios)})
+    for row in rows:
+        print(row, flush=True)
+
+    def plot(path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["gemm_ms"] for r in rows], 0.4, label="GEMM (row limit 1)")
+        ax.bar([i + 0.2 for i in x], [r["reductions_ms"] for r in rows], 0.4, label="reductions (runner)")
+        ax.set_xticks(list(x), [f"batch {r['batch']}" for r in rows])
+        ax.set_ylabel("ms per compiled step")
+        ax.set_title(f"{args.config}: compiled CPU decode step")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+
+    command = "python benchmarks/step_reductions.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    columns = ["config", "batch", "row_limit", "gemm_ms", "reductions_ms", "speedup", "pair_speedups"]
+    print(write_results(f"step_reductions_{args.config}", rows, columns, command.strip(), plot))
+
+
+if __name__ == "__main__":
+    main()
