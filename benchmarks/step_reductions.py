@@ -12,8 +12,10 @@ Each pair compiles both after a Dynamo reset, with inductor's caches off (which 
 first alternates between pairs), then times them in turns (a b b a ...: a drift of the machine
 falls on both), each ``Runner._run`` (the step alone, guards evaluated for both) over
 ``--rounds`` rounds of ``--steps`` steps. The table gives, per batch, each variant's median
-round over all pairs, their ratio, and the ratio of each pair's medians. Batches of more than
-``_LIFTED_ROWS`` rows (and batch 1) compile the same way in both: a control. Writes
+round over all pairs, the speedup (the median over the pairs of the ratio of their medians:
+the machine's speed can drift between pairs, not within one), and each pair's ratio and
+medians (gemm/reductions ms). Batches of more than ``_LIFTED_ROWS`` rows (and batch 1)
+compile the same way in both: a control. Writes
 step_reductions_<config>.{json,md,png} to the results folder (``common.results_dir()``).
 """
 from __future__ import annotations
@@ -90,18 +92,20 @@ def main(argv=None) -> None:
           torch._functorch.config.patch(enable_autograd_cache=False)):
         for batch in args.batches:
             times: dict[str, list[float]] = {"gemm": [], "reductions": []}
-            ratios = []
+            ratios, pair_ms = [], []
             for pair in range(args.pairs):
                 got, limit = time_pair(batch, ("gemm", "reductions")[pair % 2])
                 for variant in times:
                     times[variant] += got[variant]
-                ratios.append(statistics.median(got["gemm"]) / statistics.median(got["reductions"]))
-                print(f"batch {batch} pair {pair}: gemm {statistics.median(got['gemm']):.3f} ms, "
-                      f"reductions {statistics.median(got['reductions']):.3f} ms per step", flush=True)
+                g, r = statistics.median(got["gemm"]), statistics.median(got["reductions"])
+                ratios.append(g / r)
+                pair_ms.append(f"{g:.3f}/{r:.3f}")
+                print(f"batch {batch} pair {pair}: gemm {g:.3f} ms, reductions {r:.3f} ms per step", flush=True)
             gemm, reductions = (statistics.median(times[v]) for v in ("gemm", "reductions"))
             rows.append({"config": args.config, "batch": batch, "row_limit": limit,
-                         "gemm_ms": gemm, "reductions_ms": reductions, "speedup": gemm / reductions,
-                         "pair_speedups": " ".join(f"{r:.2f}" for r in ratios)})
+                         "gemm_ms": gemm, "reductions_ms": reductions, "speedup": statistics.median(ratios),
+                         "pair_speedups": " ".join(f"{r:.2f}" for r in ratios),
+                         "pair_ms": " ".join(pair_ms)})
     for row in rows:
         print(row, flush=True)
 
@@ -120,7 +124,7 @@ def main(argv=None) -> None:
         fig.savefig(path)
 
     command = "python benchmarks/step_reductions.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    columns = ["config", "batch", "row_limit", "gemm_ms", "reductions_ms", "speedup", "pair_speedups"]
+    columns = ["config", "batch", "row_limit", "gemm_ms", "reductions_ms", "speedup", "pair_speedups", "pair_ms"]
     print(write_results(f"step_reductions_{args.config}", rows, columns, command.strip(), plot))
 
 

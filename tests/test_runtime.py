@@ -263,8 +263,8 @@ def test_steps_of_a_few_rows_compute_their_matmuls_as_reductions(qwen, monkeypat
     """A compiled CPU step of 2 rows (batch 2) decomposes its 2-row matmuls into reductions too
     (the row limit is the step's while it compiles, and restored after), but no batched MoE
     experts matmul (batch rows x top-k, past the limit); its logits are the eager runner's.
-    Steps of more than _LIFTED_ROWS rows, and models with fewer than 2 experts per token,
-    keep the pass's limit of 1."""
+    The row limit is 1 for steps of more than _LIFTED_ROWS rows, for models with fewer than 2
+    experts per token, and for verify steps."""
     module, _ = _spy_on_the_decomposition(monkeypatch)
     pass_ = module._decompose_module()
     default = pass_.cpu_max_first_dimension_decomposition
@@ -293,6 +293,13 @@ def test_steps_of_a_few_rows_compute_their_matmuls_as_reductions(qwen, monkeypat
     assert [static._reduction_rows(r) for r in (1, 2, 4, 8)] == [1, 2, 4, 1]
     monkeypatch.setattr(static.forward.experts_configs[0], "num_experts_per_tok", 1)
     assert static._reduction_rows(2) == 1
+    monkeypatch.undo()
+    seen, base = [], static._dynamo_context
+    monkeypatch.setattr(static, "_dynamo_context", lambda rows=1: seen.append(rows) or base(rows))
+    monkeypatch.setattr(static, "_forward", static.forward)  # eager: only the rows it is given are checked
+    static.verify(slots[:1], torch.tensor([[3, 4]]))
+    static.accept([2])
+    assert seen == [1]  # a verify step of 2 tokens of one sequence keeps the limit of 1
 
 
 def test_compiled_steps_skip_guards_only_once_compiled(qwen):

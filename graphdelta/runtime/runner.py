@@ -404,12 +404,13 @@ class Runner:
         if not (self.cuda_graphs or self.compile_steps):
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
-        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(tokens.numel()):
+        rows = tokens.shape[0] if tokens.shape[1] == 1 else 1  # decode steps only (_reduction_rows)
+        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(rows):
             logits = self._forward(tokens, batch, aux)
         return logits, aux
 
     def _dynamo_context(self, rows: int = 1):
-        """How a compiled step of ``rows`` token rows (bucket x T) runs. Its first call per
+        """How a compiled step runs (``rows``: a decode step's batch bucket, else 1). Its first call per
         shape (``_first_of``) compiles it, under the compiler's recompile limit (each (batch
         bucket, T, window) is a compilation of the same frames, and Dynamo's default limit of 8
         per code object would quietly send the rest to eager), on CPU with inductor's matmul
@@ -429,15 +430,18 @@ class Runner:
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def _reduction_rows(self, rows: int) -> int:
-        """Up to how many rows a CPU step's matmuls compile as reductions (``_compiling``):
-        ``rows`` itself from 2 to ``_LIFTED_ROWS``, else 1. Reading the weights bounds a
-        matmul of a few rows as it bounds one of one row, and MKL's GEMM of 2 or 4 rows reads
-        them slower than its GEMV (AMD EPYC, 2 threads, weights from memory, F.linear 1024x1024:
-        2 rows 1.13 -> 0.45 ms, 4 rows 1.92 -> 0.91 ms; at 8 rows MKL is faster again). The
+        """Up to how many rows a CPU decode step of ``rows`` sequences computes its matmuls as
+        reductions (``_compiling``): ``rows`` itself from 2 to ``_LIFTED_ROWS``, else 1. Reading
+        the weights bounds a matmul of a few rows as it bounds one of one row, and MKL's GEMM of
+        2 or 4 rows reads them slower than inductor's reduction does (AMD EPYC, 2 threads,
+        weights from memory, F.linear 1024x1024: 2 rows 1.13 -> 0.45 ms, 4 rows 1.92 -> 0.91 ms;
+        at 8 rows MKL is faster again; benchmarks/step_reductions.py times whole steps). The
         pass applies the same limit to a ``bmm``'s batch, and batched MoE experts run one of
         rows x top-k: with one expert per token it would be decomposed too, which made steps
         slower (a one-row step's expert bmm of batch 2: mid-size step 13-15 -> 20-23 ms); so
-        models whose experts take fewer than 2 per token (or whose count is unknown) keep 1."""
+        models whose experts take fewer than 2 per token (or whose count is unknown) keep 1.
+        Dense models (no MoE) are lifted. Verify steps (several tokens per sequence) keep 1:
+        only decode steps were measured (``_run``)."""
         if not 2 <= rows <= _LIFTED_ROWS:
             return 1
         per_token = [getattr(c, "num_experts_per_tok", None) for c in self.forward.experts_configs]
@@ -478,8 +482,9 @@ def _cpu_step_options() -> dict[str, Any]:
     lifts its size limit, and its row limit to a step's rows up to ``_LIFTED_ROWS``
     (``Runner._reduction_rows``); larger steps' matmuls stay matrix products. The lifted limits
     are written into the pass's options too, where the pass ignores them (it reads them when
-    imported), so that inductor's caches keep graphs compiled with and without them apart. A
-    user's own ``post_grad_fusion_options`` are kept."""
+    imported), so that inductor's caches keep graphs compiled with and without them apart: the
+    row limit a step compiles under follows from its graph (its rows, its experts' top-k) and
+    ``_LIFTED_ROWS``. A user's own ``post_grad_fusion_options`` are kept."""
     options: dict[str, Any] = {"cpp_wrapper": True}
     if _decompose_module() is not None:
         options["post_grad_fusion_options"] = {
@@ -491,8 +496,8 @@ def _cpu_step_options() -> dict[str, Any]:
 
 @functools.cache
 def _decompose_module():
-    """inductor's one-row matmul decomposition pass, where this torch has it with the CPU size
-    limit that ``_compiling`` lifts; None elsewhere (steps then compile without it). Imported
+    """inductor's matmul decomposition pass, where this torch has it with the CPU size and row
+    limits that ``_compiling`` lifts; None elsewhere (steps then compile without it). Imported
     when a CPU runner is made, not with graphdelta: importing inductor takes seconds."""
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as module
@@ -512,8 +517,10 @@ def _compiling(recompile_limit, device: torch.device, rows: int = 1):
     the compiler's recompile limit, and on CPU with inductor's matmul decomposition for weights
     of any size and matmuls of up to ``rows`` rows (``Runner._reduction_rows``). The pass's
     default limits (2048 for the weight's sides, 1 row) are read once, when inductor imports
-    it, and would leave a real model's larger projections and LM head to MKL's GEMV; they are
-    lifted for this call only."""
+    it, and would leave a real model's larger projections and LM head to MKL's GEMV or GEMM;
+    they are set for this call only. They are module globals: a ``torch.compile`` of another
+    thread that compiles during such a call compiles under them too (the runners' own steps
+    take turns under one lock, ``static_experts``)."""
     with recompile_limit:
         module = _decompose_module() if device.type == "cpu" else None
         if module is None:
@@ -521,7 +528,7 @@ def _compiling(recompile_limit, device: torch.device, rows: int = 1):
             return
         saved = module.cpu_max_other_dimension_decomposition, module.cpu_max_first_dimension_decomposition
         module.cpu_max_other_dimension_decomposition = _LIFTED
-        module.cpu_max_first_dimension_decomposition = max(saved[1], rows)
+        module.cpu_max_first_dimension_decomposition = rows
         try:
             yield
         finally:
