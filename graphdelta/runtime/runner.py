@@ -410,11 +410,11 @@ class Runner:
         return logits, aux
 
     def _dynamo_context(self, rows: int = 1):
-        """How a compiled step runs (``rows``: a decode step's batch bucket, else 1). Its first call per
-        shape (``_first_of``) compiles it, under the compiler's recompile limit (each (batch
-        bucket, T, window) is a compilation of the same frames, and Dynamo's default limit of 8
-        per code object would quietly send the rest to eager), on CPU with inductor's matmul
-        limits lifted (``_compiling``, ``_reduction_rows``), and so does every call that
+        """How a compiled step runs (``rows``: a decode step's batch bucket, else 1). Its first
+        call per shape (``_first_of``) compiles it, under the compiler's recompile limit (each
+        (batch bucket, T, window) is a compilation of the same frames, and Dynamo's default
+        limit of 8 per code object would quietly send the rest to eager), on CPU with inductor's
+        matmul limits lifted (``_compiling``, ``_reduction_rows``), and so does every call that
         evaluates its guards (one may compile: after a Dynamo reset, or after another runner
         compiled the frame). Later calls skip Dynamo's guard evaluation, except the guards that
         tell the compiled shapes apart (``skip_guard_eval_unsafe``): the runner fixes what the
