@@ -541,6 +541,27 @@ def test_bad_tokens_raise_and_change_nothing(qwen, call, error, message):
     assert all(torch.equal(b, a) for b, a in zip(before, runner.cache.buffers()))
 
 
+
+def test_host_token_lists_take_the_quick_check_with_the_same_result():
+    """A short list of host ints (generate's decode tokens) is range-checked in Python, not as a
+    tensor: the same ids and the same errors either way; anything else takes the tensor path."""
+    from graphdelta.runtime.runner import to_device, token_ids
+
+    for tokens in ([3], [0, 9, 4], torch.tensor([[0, 9]]), list(range(10)) * 30):
+        got = token_ids(tokens, "t", 10)
+        assert got.dtype == torch.long and got.tolist() == torch.as_tensor(tokens).tolist()
+    for tokens, error, message in (([3, 10], ValueError, "t holds token id 10, outside the vocabulary [0, 10)"),
+                                   ([-1], ValueError, "t holds token id -1, outside the vocabulary [0, 10)"),
+                                   ([True], TypeError, "t must be integer token ids, got dtype torch.bool"),
+                                   ([1, 2.0], TypeError, "t must be integer token ids, got dtype torch.float32")):
+        with pytest.raises(error, match=re.escape(message)):
+            token_ids(tokens, "t", 10)
+    assert token_ids([10**6], "t").tolist() == [10**6]  # no vocabulary: no range check
+    # On CPU the parts come back as they are, flattened, int64 (no batched copy).
+    parts = to_device([[1, 2], torch.tensor([[3], [4]], dtype=torch.int32), []], torch.device("cpu"))
+    assert [p.tolist() for p in parts] == [[1, 2], [3, 4], []] and all(p.dtype == torch.long for p in parts)
+
+
 # ----------------------------------------------------------------------------- speculative
 
 

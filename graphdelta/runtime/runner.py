@@ -78,6 +78,11 @@ def token_ids(tokens: Any, what: str, vocab: int | None = None) -> Tensor:
     from the model's logits are in range."""
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"{what} must be token ids, got {type(tokens).__name__} {tokens[:40]!r}: tokenize it first")
+    if type(tokens) is list and 0 < len(tokens) <= 256 and all(type(i) is int for i in tokens) \
+            and (vocab is None or 0 <= min(tokens) and max(tokens) < vocab):
+        # A few host ints (generate's decode tokens, every step): checked in Python, then one
+        # tensor made. A tensor's range check is two reductions, ~30 us of a tiny model's step.
+        return torch.tensor(tokens, dtype=torch.long)
     t = torch.as_tensor(tokens)
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise TypeError(f"{what} must be integer token ids, got dtype {t.dtype}")
@@ -99,10 +104,15 @@ def buckets(largest: int, smallest: int = 1) -> list[int]:
 
 
 def to_device(parts: Sequence[Sequence[int] | Tensor], device: torch.device) -> list[Tensor]:
-    """Host int lists or int64 CPU tensors -> int64 tensors on ``device``, in one copy: from
+    """Host int lists or int64 CPU tensors -> 1-D int64 tensors on ``device``, in one copy: from
     pinned memory and non-blocking on CUDA, so the host goes on queueing the step's kernels
-    (the caching host allocator keeps the pinned block until the copy has run)."""
+    (the caching host allocator keeps the pinned block until the copy has run). On CPU there is
+    nothing to copy: lists become tensors and tensors come back flattened, as views when they
+    can be (the runner passes only tensors it made for the call; batching them into one copy
+    and splitting it again cost ~50 us of a tiny model's step)."""
     flat = [p.reshape(-1) if isinstance(p, Tensor) else torch.tensor(p, dtype=torch.long) for p in parts]
+    if device.type == "cpu":
+        return [t.long() for t in flat]
     sizes = [t.numel() for t in flat]
     host = torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)
     if device.type == "cuda":
