@@ -541,7 +541,6 @@ def test_bad_tokens_raise_and_change_nothing(qwen, call, error, message):
     assert all(torch.equal(b, a) for b, a in zip(before, runner.cache.buffers()))
 
 
-
 def test_host_token_lists_take_the_quick_check_with_the_same_result():
     """A short list of host ints (generate's decode tokens) is range-checked in Python, not as a
     tensor: the same ids and the same errors either way; anything else takes the tensor path."""
