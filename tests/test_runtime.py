@@ -197,6 +197,7 @@ def test_compiled_steps_match_eager_steps(qwen):
             seen.append(last)
         logits.append(torch.stack(seen))
     torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)
+    assert [key[:3] for key in runners[1]._replays] == [(4, 1, False)]  # the later steps replayed
     for a, b in zip(runners[0].cache.buffers(), runners[1].cache.buffers()):
         torch.testing.assert_close(a[:3], b[:3], atol=ATOL, rtol=0)
 
@@ -330,8 +331,14 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
         seen.append(runner.decode([second], [7]))  # window 64 again, compiled already
         logits.append(torch.stack(seen))
     torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)
-    assert [c for c, _ in chosen] == [True, False, True, False, False]  # compiles for windows 64 and 128
-    assert {name for c, name in chosen if not c} == {"set_stance"}  # skipping the guards
+    # compiles for windows 64 and 128; the other steps replay those (no Dynamo: replay.py)
+    assert [c for c, _ in chosen] == [True, True]
+    assert sorted(static._replays) == [(1, 1, False, 64), (1, 1, False, 128)]
+    replays = dict(static._replays)
+    static._replays.clear()  # where a step has no replay (verify steps), Dynamo skips the guards
+    static.decode([second], [8])
+    assert chosen[-1] == (False, "set_stance")
+    static._replays.update(replays)
 
     # Dynamo's caches reset (the compiled shapes are gone): the next steps compile again, with
     # their guards, and never reach an entry compiled for another window.
@@ -344,10 +351,13 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
         last = static.decode([slot], last.argmax(-1).tolist())
         again.append(last)
     torch.testing.assert_close(torch.stack(again), logits[0][:4], atol=ATOL, rtol=0)
-    # the first step sees the reset and runs with its guards; the shapes are then compiled anew
-    # (with the guards evaluated, a step may compile: _compiling's limits apply, as to a first call)
+    # the first step sees the reset and runs with its guards, not its replay; the shapes are
+    # then compiled anew (with the guards evaluated, a step may compile: _compiling's limits
+    # apply, as to a first call), and the last step replays the new window 128
     compiling = "_GeneratorContextManager"
-    assert chosen == [(False, compiling), (True, compiling), (True, compiling), (False, "set_stance")]
+    assert chosen == [(False, compiling), (True, compiling), (True, compiling)]
+    assert sorted(static._replays) == [(1, 1, False, 64), (1, 1, False, 128)]
+    assert all(static._replays[key] is not replays[key] for key in replays)
     with torch.compiler.set_stance("force_eager"):  # a stance of the user's is kept: no skipping
         static.decode([slot], [7])
     assert chosen[-1] == (False, compiling)

@@ -10,7 +10,9 @@
   fixed cache buffers and replayed; slots are inputs, so sequences joining and leaving never
   force a re-capture, and attention reads only the positions its bucket can hold (a 32k cache
   holding 300-token sequences reads 512 positions a step, not 32k). On CPU the same step runs
-  eagerly, its window rounded up to a multiple of 64.
+  eagerly, its window rounded up to a multiple of 64, or with ``compile_steps`` compiled by
+  inductor per bucket and then called without Dynamo, the CPU counterpart of a graph replay
+  (``replay.py``).
 - ``verify(slots, tokens)`` then ``accept(counts)``: run k + 1 tokens per sequence keeping the
   state after each, then roll every sequence back to its last accepted token (the cache's
   ``accept``).
@@ -46,6 +48,7 @@ from graphdelta import checks, progress
 from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, PendingVerify
 from graphdelta.runtime.forward import Batch, HybridForward, Writes, experts_implementation, static_experts
 from graphdelta.runtime.layers import ModelSpec
+from graphdelta.runtime.replay import Replay, capture, recording_inductor
 
 WINDOW_BLOCK = 64  # attention windows: multiples of this (eager), or it times powers of 2 (static)
 
@@ -162,7 +165,9 @@ class Runner:
         """``max_len`` (tokens per sequence) defaults to 1024, or the model's
         ``max_position_embeddings`` when that is smaller; a longer one, or a cache larger than
         the device's free memory, is refused before anything is allocated. ``skip_guards``:
-        compiled steps skip Dynamo's guard evaluation once compiled (``_dynamo_context``)."""
+        compiled steps skip Dynamo's guard evaluation once compiled (``_dynamo_context``), and
+        compiled CPU decode steps skip Dynamo altogether: they call inductor's compiled function
+        with the arguments of their compiling call (``replay.py``)."""
         max_seqs = checks.check_int("max_seqs", max_seqs, 1)
         max_batch = max_seqs if max_batch is None else checks.check_int("max_batch", max_batch, 1)
         state_layout = state_layout or compiled_state_layout(model) or "kv"
@@ -197,8 +202,15 @@ class Runner:
         # wrapper calls them from one C++ function (tiny Qwen3-Next, batch 1: 0.73 ms against
         # 0.99 ms per step, best of 120). A larger one's is reading its weights (_cpu_step_options).
         options = _cpu_step_options() if self.device.type == "cpu" else None
-        # one compilation per static shape (_dynamo_context: how each call runs)
-        self._forward = torch.compile(self.forward, dynamic=False, options=options) if compile_steps else self.forward
+        # one compilation per static shape (_dynamo_context: how each call runs); on CPU its
+        # decode steps are then replayed without Dynamo (replay.py)
+        if not compile_steps:
+            self._forward = self.forward
+        elif self.device.type == "cpu":
+            self._forward = torch.compile(self.forward, dynamic=False, backend=recording_inductor(options))
+        else:
+            self._forward = torch.compile(self.forward, dynamic=False, options=options)
+        self._replays: dict[tuple[int, int, bool, int], Replay] = {}
         from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
 
         self._recompile_limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable
@@ -414,10 +426,26 @@ class Runner:
         if not (self.cuda_graphs or self.compile_steps):
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
+        key = (tokens.shape[0], tokens.shape[1], keep, window)
+        replay = self._replays.get(key)
+        if (replay is not None and not torch.is_grad_enabled() and replay.fits(tokens, slots, starts)
+                and self._may_skip_guards()):
+            return replay(tokens, slots, starts), aux
         rows = tokens.shape[0] if tokens.shape[1] == 1 else 1  # decode steps only (_reduction_rows)
-        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(rows):
+        compiling = self._compiling
+        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(rows), capture() as seen:
             logits = self._forward(tokens, batch, aux)
+        if compiling and self.device.type == "cpu" and self.skip_guards and not keep and not torch.is_grad_enabled():
+            replay = seen.replay([tokens, slots, starts], self._kept(), logits, aux, HybridForward.forward.__code__)
+            if replay is not None:
+                self._replays[key] = replay
         return logits, aux
+
+    def _kept(self) -> list[Tensor]:
+        """The tensors a step reads that stay the same objects from step to step: the modules'
+        parameters and buffers, and the cache pools (``replay.Capture.replay``)."""
+        pools = [*self.cache.k, *self.cache.v, *self.cache.conv, *self.cache.state]
+        return [*self.forward.parameters(), *self.forward.buffers(), *pools]
 
     def _dynamo_context(self, rows: int = 1):
         """How a compiled step runs (``rows``: a decode step's batch bucket, else 1). Its first
@@ -477,6 +505,7 @@ class Runner:
         if entries is None or entries != self._entries:
             if entries is not None and self._entries is not None and entries < self._entries:
                 self._static_keys.clear()
+                self._replays.clear()
                 self._entries = None
             return False
         return True

@@ -1,0 +1,170 @@
+"""Replaying a compiled CPU decode step without Dynamo: the CPU counterpart of a CUDA graph.
+
+Each call of a ``torch.compile``'d step runs Dynamo's bytecode for it before the compiled code:
+it fetches every weight and cache pool the step reads (77 tensors for the tiny Qwen3-Next,
+more with every layer) from the modules, switches the MoE dispatch and the compile stance, and
+then calls inductor's compiled function. A runner's step shape always reads the same weights
+and the same cache pools (``HybridCache`` keeps them at fixed addresses), so after the
+compiling call the runner calls inductor's function itself, with the argument list that call
+received and only the step's own inputs (tokens, slots, positions) put in.
+
+That is sound only where the compiled function is all the step does. ``Capture.replay`` builds a
+``Replay`` only when all of these hold, and otherwise returns None (the step keeps running
+through Dynamo):
+- the call went through one compiled function (``recording_inductor``), once;
+- every argument is one of the step's inputs or a tensor the runner keeps: a parameter or
+  buffer of its modules, or a cache pool (nothing made per call, nothing that is not a tensor);
+- the step returned one of the function's outputs as it is, and appended nothing to ``aux``;
+- Dynamo's bytecode for the step does nothing else (``_only_calls_graph``): no attribute, item
+  or global stores or deletions, and no call but the compiled function's and Dynamo's own
+  bookkeeping. A graph break calls a resume function; side effects Dynamo replays after the
+  graph (list, dict and attribute mutations) store or call methods: both are refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import dis
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+_STATE = threading.local()  # the Capture of this thread's step call, if any
+
+# bytecode that changes something outside the frame's own locals
+_MUTATING = {"STORE_ATTR", "DELETE_ATTR", "STORE_SUBSCR", "DELETE_SUBSCR", "STORE_SLICE", "DELETE_SLICE",
+             "STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF", "STORE_NAME", "DELETE_NAME",
+             "IMPORT_NAME", "IMPORT_STAR"}
+_CALLS = {"CALL", "CALL_FUNCTION", "CALL_FUNCTION_EX", "CALL_FUNCTION_KW", "CALL_KW", "CALL_METHOD"}
+
+
+def recording_inductor(options: dict[str, Any] | None) -> Callable:
+    """inductor as ``torch.compile(backend="inductor", options=options)`` builds it (it compares
+    equal to that backend, so runners with the same options share Dynamo's entries), with
+    every compiled function wrapped to tell a ``capture()`` in progress what it was called with."""
+    base = getattr(torch, "_TorchCompileInductorWrapper")
+
+    class RecordingInductor(base):
+        def __call__(self, model_, inputs_, **kwargs):
+            return recorded(super().__call__(model_, inputs_, **kwargs))
+
+    return RecordingInductor(None, options, False)
+
+
+def recorded(compiled: Callable) -> Callable:
+    """``compiled`` (a backend's compiled function), telling a ``capture()`` in progress what
+    it was called with and what it returned."""
+    def recording(*args: Any) -> Any:  # Dynamo calls the backend's function with the arguments
+        out = compiled(*args)
+        capture = getattr(_STATE, "capture", None)
+        if capture is not None:
+            capture.calls.append((compiled, list(args), out))
+        return out
+
+    return recording
+
+
+class Capture:
+    """What the compiled functions were called with during one step call (``capture()``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable, list, Any]] = []
+
+    def replay(self, inputs: list[Tensor], kept: Iterable[Tensor], result: Tensor, aux: list,
+               code: Any) -> "Replay | None":
+        """The step as a ``Replay``, or None where replaying it would not be the same step
+        (module doc). ``inputs``: the step's own input tensors, in the order ``Replay.__call__``
+        takes them; ``kept``: every tensor that stays the same object from step to step;
+        ``result``: what the step returned; ``code``: the step's frame code (its Dynamo entries)."""
+        if len(self.calls) != 1 or aux:
+            return None
+        fn, args, out = self.calls[0]
+        if not isinstance(out, (list, tuple)):
+            return None
+        which = [i for i, o in enumerate(out) if o is result]
+        if len(which) != 1:
+            return None
+        kept_ids = {id(t) for t in kept}
+        slots = []
+        for x in inputs:
+            at = [i for i, a in enumerate(args) if a is x]
+            if len(at) > 1:
+                return None
+            slots.append(at[0] if at else None)
+        for i, a in enumerate(args):
+            if i not in slots and not (isinstance(a, Tensor) and id(a) in kept_ids):
+                return None
+        if not _only_calls_graph(code):
+            return None
+        return Replay(fn, args, slots, which[0])
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[Capture]:
+    """Record the compiled functions this thread calls inside the block (``recording_inductor``)."""
+    outer = getattr(_STATE, "capture", None)
+    _STATE.capture = Capture()
+    try:
+        yield _STATE.capture
+    finally:
+        _STATE.capture = outer
+
+
+def _only_calls_graph(code: Any) -> bool:
+    """Whether every Dynamo entry of ``code`` only fetches its inputs, calls its compiled
+    function and returns: no stores outside its locals, and as many calls as loads of the
+    compiled functions (``__compiled_fn_*``) and of Dynamo's bytecode timers. Code of another
+    shape (a later torch's, a graph break's resume call) is refused, never guessed at."""
+    try:
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(code)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    if not entries:
+        return False
+    for entry in entries:
+        calls = callees = 0
+        for ins in dis.get_instructions(entry.code):
+            if ins.opname in _MUTATING:
+                return False
+            if ins.opname in _CALLS:
+                calls += 1
+            name = ins.argval if isinstance(ins.argval, str) else ""
+            if ((ins.opname == "LOAD_GLOBAL" and name.startswith("__compiled_fn"))
+                    or (ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and name.startswith("record_pregraph_bytecode"))):
+                callees += 1
+        if calls != callees:
+            return False
+    return True
+
+
+class Replay:
+    """One compiled step shape, called without Dynamo: ``replay(tokens, slots, starts)`` -> the
+    step's result, from the argument list its compiling call received with the step's inputs put
+    in (``Capture.replay``). The arguments are kept as they were: the weights and cache pools the
+    list holds are the runner's own (a runner's model must not change its modules, as with
+    Dynamo's guards skipped, ``Runner._dynamo_context``)."""
+
+    def __init__(self, fn: Callable, args: list, slots: list[int | None], which: int):
+        self.fn, self.which = fn, which
+        self.args = list(args)
+        self.slots = slots
+        # inductor's code reads its inputs' memory as compiled: same dtype, device, shape, strides
+        self.layouts = [None if at is None else _layout(args[at]) for at in slots]
+
+    def fits(self, *inputs: Tensor) -> bool:
+        """Whether ``inputs`` lie in memory as the compiling call's did."""
+        return all(want is None or _layout(x) == want for x, want in zip(inputs, self.layouts))
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        """The step's result for ``inputs`` (check ``fits`` first)."""
+        args = list(self.args)
+        for at, x in zip(self.slots, inputs):
+            if at is not None:
+                args[at] = x
+        out = self.fn(*args)
+        return out[self.which]
+
+
+def _layout(x: Tensor) -> tuple:
+    return x.dtype, x.device, x.shape, x.stride()
