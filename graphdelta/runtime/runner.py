@@ -444,8 +444,7 @@ class Runner:
     def _kept(self) -> list[Tensor]:
         """The tensors a step reads that stay the same objects from step to step: the modules'
         parameters and buffers, and the cache pools (``replay.Capture.replay``)."""
-        pools = [*self.cache.k, *self.cache.v, *self.cache.conv, *self.cache.state]
-        return [*self.forward.parameters(), *self.forward.buffers(), *pools]
+        return [*self.forward.parameters(), *self.forward.buffers(), *self.cache.buffers()]
 
     def _dynamo_context(self, rows: int = 1):
         """How a compiled step runs (``rows``: a decode step's batch bucket, else 1). Its first
