@@ -1,7 +1,8 @@
-"""Where a decoded token's time goes, end to end, CPU: ``graphdelta.generate`` per step,
-``Runner.decode`` per step (no sampling, no streaming), and the compiled step alone
-(``Runner._run``: no validation, no cache bookkeeping). The differences are the per-token
-overhead of generate and of the runner around the step.
+"""Where a decoded token's time goes, end to end, CPU: ``graphdelta.generate`` per step after
+the first token, ``Runner.decode`` per step (greedy argmax, no streaming), and the compiled step alone
+(``Runner._run``: no validation, no cache bookkeeping), and that step called through Dynamo
+instead of replayed (graphdelta/runtime/replay.py). The differences are the per-token overhead
+of generate, of the runner around the step, and of Dynamo.
 
     python benchmarks/token_overhead.py [--tokens 200] [--rounds 5] [--threads 2]
     python benchmarks/token_overhead.py --config mid --experts batched_mm
@@ -68,33 +69,47 @@ def main(argv=None) -> None:
     runner = Runner(compiled, max_seqs=B, max_len=ids.shape[1] + N + 1, compile_steps=True, max_batch=B)
     runner.experts = args.experts or runner.experts
     generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B)  # compiles the steps
-    times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "compiled step": []}
+    times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "compiled step": [],
+                                     "compiled step through Dynamo": []}
     with torch.no_grad():  # as the runner's steps run (Dynamo guards on grad mode)
         for _ in range(args.rounds):
-            start = time.perf_counter()
-            generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B)
-            times["generate"].append((time.perf_counter() - start) / N)
+            firsts: list[float] = []  # when the first tokens came (the prompt's prefill is not timed)
+            stream = lambda i, token: len(firsts) < B and firsts.append(time.perf_counter())  # noqa: E731
+            generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B, stream=stream)
+            times["generate"].append((time.perf_counter() - firsts[-1]) / (N - 1))
 
             slots = [runner.allocate() for _ in range(B)]
-            runner.prefill(slots, [ids[0].tolist()] * B)
-            token = [int(ids[0, -1])] * B
+            logits = runner.prefill(slots, [ids[0].tolist()] * B)
             start = time.perf_counter()
-            for _ in range(N - 1):
-                runner.decode(slots, token)
+            for _ in range(N - 1):  # greedy, as generate: the experts a token picks change with it
+                logits = runner.decode(slots, logits.argmax(-1).tolist())
             times["Runner.decode"].append((time.perf_counter() - start) / (N - 1))
             position = runner.cache.length(slots[0])
             for slot in slots:
                 runner.free(slot)
 
             # The step on free slots' rows, at the window of the last decode: what the runner
-            # calls, without its checks and bookkeeping (the slots' states are scratch now).
-            tokens, slots = torch.tensor(token)[:, None], torch.tensor(slots)
+            # calls, without its checks and bookkeeping (the slots' states are scratch now). One
+            # token over and over: its experts stay in cache, so this understates a real step.
+            tokens, slots = logits.argmax(-1)[:, None], torch.tensor(slots)
             starts = torch.full((B,), position - 1)
             window = runner._window(position)
             start = time.perf_counter()
             for _ in range(N):
                 runner._run(tokens, slots, starts, window, False)
             times["compiled step"].append((time.perf_counter() - start) / N)
+
+            # The same step through Dynamo (guards skipped), as before replays (replay.py):
+            # what calling inductor's compiled function directly saves.
+            replays = dict(runner._replays)
+            runner._replays.clear()
+            try:
+                start = time.perf_counter()
+                for _ in range(N):
+                    runner._run(tokens, slots, starts, window, False)
+                times["compiled step through Dynamo"].append((time.perf_counter() - start) / N)
+            finally:
+                runner._replays.update(replays)
     rows = [{"config": args.config, "batch": B, "experts": runner.experts, "what": name,
              "ms_per_token": statistics.median(t) * 1e3, "tokens_per_s": B / statistics.median(t)}
             for name, t in times.items()]
