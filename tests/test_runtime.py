@@ -296,7 +296,7 @@ def test_steps_of_a_few_rows_compute_their_matmuls_as_reductions(qwen, monkeypat
     assert static._reduction_rows(2) == 1
     monkeypatch.undo()
     seen, base = [], static._dynamo_context
-    monkeypatch.setattr(static, "_dynamo_context", lambda rows=1: seen.append(rows) or base(rows))
+    monkeypatch.setattr(static, "_dynamo_context", lambda rows=1, guarded=False: seen.append(rows) or base(rows, guarded))
     monkeypatch.setattr(static, "_forward", static.forward)  # eager: only the rows it is given are checked
     static.verify(slots[:1], torch.tensor([[3, 4]]))
     static.accept([2])
@@ -313,8 +313,8 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
     chosen = []
     base = static._dynamo_context
 
-    def observed(rows=1):  # (calling torch.compiler.set_stance sets the stance: once, as _run does)
-        context = base(rows)
+    def observed(rows=1, guarded=False):  # (calling torch.compiler.set_stance sets the stance: once, as _run does)
+        context = base(rows, guarded)
         chosen.append((static._compiling, type(context).__name__))
         return context
 
@@ -351,11 +351,11 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
         last = static.decode([slot], last.argmax(-1).tolist())
         again.append(last)
     torch.testing.assert_close(torch.stack(again), logits[0][:4], atol=ATOL, rtol=0)
-    # the first step sees the reset and runs with its guards, not its replay; the shapes are
-    # then compiled anew (with the guards evaluated, a step may compile: _compiling's limits
-    # apply, as to a first call), and the last step replays the new window 128
+    # the reset made the replays stale (replay.generation): the first step of each window runs
+    # with its guards evaluated, so it compiles anew (under _compiling's limits, as a first
+    # call) and is captured again; the others replay
     compiling = "_GeneratorContextManager"
-    assert chosen == [(False, compiling), (True, compiling), (True, compiling)]
+    assert chosen == [(False, compiling), (False, compiling)]
     assert sorted(static._replays) == [(1, 1, False, 64), (1, 1, False, 128)]
     assert all(static._replays[key] is not replays[key] for key in replays)
     with torch.compiler.set_stance("force_eager"):  # a stance of the user's is kept: no skipping

@@ -1,15 +1,16 @@
 """Replaying a compiled step without Dynamo (graphdelta/runtime/replay.py): built only where
 the compiled function is the whole step. Look-alikes that must not replay: a step that mutates
-a list or an attribute, one with a graph break, one that reads a tensor made per call, one
-whose result is not the function's output. The runner's own replayed steps are compared with
-eager and guarded steps in test_runtime.py."""
+a list, an attribute, a dict or a global, one with a graph break, one that reads a tensor made
+per call, one whose result is not the function's output. Runners' replays are compared with
+eager steps across runners sharing a compiled step, a weight set anew and a Dynamo reset (and
+with eager and guarded steps in test_runtime.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from graphdelta.runtime.replay import capture, recorded
+from graphdelta.runtime.replay import Replay, capture, recorded
 
 
 class Toy(nn.Module):
@@ -53,6 +54,30 @@ class Wraps(Toy):
         return [torch.tanh(x @ self.w) + 1]
 
 
+class FillsDict(Toy):
+    def forward(self, x):
+        self.table = getattr(self, "table", {})
+        self.table["last"] = 1
+        return torch.tanh(x @ self.w) + 1
+
+
+COUNTER = 0
+
+
+class SetsGlobal(Toy):
+    def forward(self, x):
+        global COUNTER
+        COUNTER += 1
+        return torch.tanh(x @ self.w) + 1
+
+
+class Keeps(Toy):
+    def forward(self, x, keep=False):
+        if keep:  # another entry of the same code, with a side effect
+            self.seen.append(1)
+        return torch.tanh(x @ self.w) + 1
+
+
 def _first_call(toy: Toy, x: torch.Tensor):
     """Compile ``toy`` (a backend that records what Dynamo's compiled function is called with)
     and call it once, as a runner's first step call is: the replay it would build, or None."""
@@ -60,7 +85,7 @@ def _first_call(toy: Toy, x: torch.Tensor):
     step = torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
     with torch.no_grad(), capture() as seen:
         result = step(x)
-    return seen.replay([x], [*toy.parameters(), *toy.buffers()], result, [], type(toy).forward.__code__), result
+    return seen.replay([x], [*toy.parameters(), *toy.buffers()], result, [], type(toy).forward), result
 
 
 def test_a_pure_step_replays_with_the_same_result():
@@ -79,7 +104,7 @@ def test_a_pure_step_replays_with_the_same_result():
     assert not replay.fits(other.double())
 
 
-@pytest.mark.parametrize("kind", [Appends, Counts, Breaks, ReadsFresh, Wraps])
+@pytest.mark.parametrize("kind", [Appends, Counts, Breaks, ReadsFresh, Wraps, FillsDict, SetsGlobal])
 def test_steps_that_do_more_than_the_compiled_function_never_replay(kind):
     toy = kind()
     replay, result = _first_call(toy, torch.randn(2, 4))
@@ -90,6 +115,21 @@ def test_steps_that_do_more_than_the_compiled_function_never_replay(kind):
         assert toy.count == 1
 
 
+def test_only_the_entry_that_ran_is_checked():
+    """A verify step's entry of the same frame mutates ``aux``; decode steps still replay."""
+    toy, x = Keeps(), torch.randn(2, 4)
+    torch._dynamo.reset()
+    step = torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
+    with torch.no_grad():
+        with capture() as seen:
+            result = step(x, keep=True)
+        assert seen.replay([x], [*toy.parameters()], result, [], Keeps.forward) is None
+        with capture() as seen:
+            result = step(x)
+        assert seen.replay([x], [*toy.parameters()], result, [], Keeps.forward) is not None
+    assert toy.seen == [1]
+
+
 def test_a_step_that_grows_aux_or_calls_twice_never_replays():
     toy, x = Toy(), torch.randn(2, 4)
     torch._dynamo.reset()
@@ -98,18 +138,18 @@ def test_a_step_that_grows_aux_or_calls_twice_never_replays():
     with torch.no_grad():
         with capture() as seen:
             result = step(x)
-        assert seen.replay([x], kept, result, ["an aux entry"], Toy.forward.__code__) is None
+        assert seen.replay([x], kept, result, ["an aux entry"], Toy.forward) is None
         with capture() as seen:
             step(x)
             result = step(x)
         assert len(seen.calls) == 2
-        assert seen.replay([x], kept, result, [], Toy.forward.__code__) is None
+        assert seen.replay([x], kept, result, [], Toy.forward) is None
         with capture() as seen:
             result = step(x)
-        assert seen.replay([x], [], result, [], Toy.forward.__code__) is None  # w is not kept
+        assert seen.replay([x], [], result, [], Toy.forward) is None  # w is not kept
 
 
-def test_runners_sharing_a_compiled_step_replay_their_own_caches():
+def test_runners_sharing_a_compiled_step_replay_their_own_caches(monkeypatch):
     """Two runners of one model share Dynamo's compiled step; each replays it over its own
     cache pools, one step each in turn, and gives the eager runner's logits."""
     from graphdelta.runtime import Runner
@@ -129,6 +169,9 @@ def test_runners_sharing_a_compiled_step_replay_their_own_caches():
             for _ in range(4):
                 lasts[i] = eager.decode([i], lasts[i].argmax(-1).tolist())
                 want[i].append(lasts[i])
+        replayed = []
+        call = Replay.__call__
+        monkeypatch.setattr(Replay, "__call__", lambda self, *inputs: replayed.append(self) or call(self, *inputs))
         lasts = [runner.prefill([runner.allocate()], [p]) for runner, p in zip(ours, prompts)]
         for _ in range(4):  # in turn: each step reads its own runner's cache
             for i, runner in enumerate(ours):
@@ -138,6 +181,57 @@ def test_runners_sharing_a_compiled_step_replay_their_own_caches():
             torch.testing.assert_close(torch.stack(got[i]), torch.stack(want[i]), atol=2e-5, rtol=0)
         first, second = (next(iter(runner._replays.values())) for runner in ours)
         assert first.fn is second.fn
-        assert any(x is not y for x, y in zip(first.args, second.args))
+        assert replayed == [first, second] * 3  # each runner's first step compiled or captured
+        for replay, runner, other in ((first, *ours), (second, *ours[::-1])):  # its own pools only
+            held = {id(a) for a in replay.args}
+            assert held >= {id(t) for t in runner.cache.buffers()}
+            assert not held & {id(t) for t in other.cache.buffers()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
+    """A replay holds the tensors its compiling call got. A weight set anew (``load_state_dict``
+    with ``assign=True``) or a reset of Dynamo's caches makes each shape's next step run with
+    its guards and be captured again: the logits stay the eager runner's, including where the
+    first step after a reset is a shape never compiled before."""
+    from graphdelta.runtime import Runner
+    from models import build, tokens
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        qwen = build("qwen3_next")
+        eager = Runner(qwen, max_seqs=3, max_len=128)
+        ours = Runner(qwen, max_seqs=3, max_len=128, compile_steps=True)
+        slots = {}
+
+        def both(name, token):
+            got, want = (runner.decode([slots[name, runner]], [token]) for runner in (ours, eager))
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+        for runner in (ours, eager):
+            slots["a", runner] = runner.allocate()
+            runner.prefill([slots["a", runner]], [tokens(5, seed=1)[0]])
+        both("a", 3)
+        both("a", 4)
+        first = ours._replays[(1, 1, False, 64)]
+
+        norm = qwen.model.norm.weight
+        qwen.load_state_dict({"model.norm.weight": norm.detach() + 0.5}, strict=False, assign=True)
+        assert qwen.model.norm.weight is not norm
+        both("a", 5)
+        second = ours._replays[(1, 1, False, 64)]
+        assert second is not first
+        both("a", 6)
+
+        qwen.load_state_dict({"model.norm.weight": norm.detach() - 0.5}, strict=False, assign=True)
+        torch._dynamo.reset()
+        for runner in (ours, eager):  # the first step after the reset: window 128, a new shape
+            slots["b", runner] = runner.allocate()
+            runner.prefill([slots["b", runner]], [tokens(70, seed=2)[0]])
+        both("b", 7)
+        both("a", 8)  # window 64 again
+        assert ours._replays[(1, 1, False, 64)] is not second
     finally:
         torch.set_num_threads(threads)

@@ -420,8 +420,9 @@ def static_experts(configs: list[Any], implementation: str = "batched_mm") -> It
     transformers reads the implementation from the model's config at call time and has no
     argument for it, so the config is switched and restored, under one lock: steps of
     different threads would otherwise save each other's switched value and leave the user's
-    model on ``batched_mm``. Compiled CPU steps of all runners therefore take turns; CUDA graph
-    replays never enter here (only their capture does)."""
+    model on ``batched_mm``. Compiled CPU steps of all runners therefore take turns through
+    Dynamo; CUDA graph replays and compiled CPU decode steps replayed without Dynamo
+    (``replay.py``) never enter here (only their capture does)."""
     with _EXPERTS_LOCK:
         saved = [c._experts_implementation for c in configs]
         try:

@@ -13,12 +13,19 @@ That is sound only where the compiled function is all the step does. ``Capture.r
 through Dynamo):
 - the call went through one compiled function (``recording_inductor``), once;
 - every argument is one of the step's inputs or a tensor the runner keeps: a parameter or
-  buffer of its modules, or a cache pool (nothing made per call, nothing that is not a tensor);
+  buffer of its modules, or a cache pool (nothing made per call, nothing that is not a plain
+  tensor or parameter: Dynamo wraps the call for tensor subclasses);
 - the step returned one of the function's outputs as it is, and appended nothing to ``aux``;
 - Dynamo's bytecode for the step does nothing else (``_only_calls_graph``): no attribute, item
   or global stores or deletions, and no call but the compiled function's and Dynamo's own
   bookkeeping. A graph break calls a resume function; side effects Dynamo replays after the
   graph (list, dict and attribute mutations) store or call methods: both are refused.
+
+A replay also holds only while the objects it was given are the ones Dynamo would fetch:
+``generation()`` counts every parameter, buffer or submodule set on any module
+(``load_state_dict(assign=True)``, ``module.weight = ...``; torch's global registration hooks)
+and every reset of Dynamo's caches and every graph compiled (inductor's graphs are modules
+too), and a runner captures a step again when its replay is of an older generation.
 """
 from __future__ import annotations
 
@@ -31,6 +38,22 @@ import torch
 from torch import Tensor
 
 _STATE = threading.local()  # the Capture of this thread's step call, if any
+_GENERATION = [0]  # bumped by _moved: replays made before are stale
+
+
+def generation() -> int:
+    """How many times a module's parameters, buffers or submodules were set, or Dynamo's caches
+    reset, since graphdelta's runtime was imported: replays of an older generation are stale."""
+    return _GENERATION[0]
+
+
+def _moved(*_: Any) -> None:
+    _GENERATION[0] += 1
+
+
+for _register in ("register_module_parameter_registration_hook", "register_module_buffer_registration_hook",
+                  "register_module_module_registration_hook"):
+    getattr(torch.nn.modules.module, _register)(_moved)
 
 # bytecode that changes something outside the frame's own locals
 _MUTATING = {"STORE_ATTR", "DELETE_ATTR", "STORE_SUBSCR", "DELETE_SUBSCR", "STORE_SLICE", "DELETE_SLICE",
@@ -40,14 +63,20 @@ _CALLS = {"CALL", "CALL_FUNCTION", "CALL_FUNCTION_EX", "CALL_FUNCTION_KW", "CALL
 
 
 def recording_inductor(options: dict[str, Any] | None) -> Callable:
-    """inductor as ``torch.compile(backend="inductor", options=options)`` builds it (it compares
-    equal to that backend, so runners with the same options share Dynamo's entries), with
-    every compiled function wrapped to tell a ``capture()`` in progress what it was called with."""
+    """inductor as ``torch.compile(backend="inductor", options=options)`` builds it: pass it to
+    ``torch._dynamo.optimize`` (``torch.compile`` would wrap it as a user's backend). It is
+    inductor to Dynamo (its ``compiler_name``), compares equal to that backend (runners with
+    the same options share Dynamo's entries), and wraps every compiled function to tell a
+    ``capture()`` in progress what it was called with. Dynamo's reset moves ``generation()``."""
     base = getattr(torch, "_TorchCompileInductorWrapper")
 
     class RecordingInductor(base):
         def __call__(self, model_, inputs_, **kwargs):
             return recorded(super().__call__(model_, inputs_, **kwargs))
+
+        def reset(self):
+            _moved()
+            super().reset()
 
     return RecordingInductor(None, options, False)
 
@@ -59,7 +88,7 @@ def recorded(compiled: Callable) -> Callable:
         out = compiled(*args)
         capture = getattr(_STATE, "capture", None)
         if capture is not None:
-            capture.calls.append((compiled, list(args), out))
+            capture.calls.append((recording, compiled, list(args), out))
         return out
 
     return recording
@@ -69,35 +98,36 @@ class Capture:
     """What the compiled functions were called with during one step call (``capture()``)."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[Callable, list, Any]] = []
+        self.calls: list[tuple[Callable, Callable, list, Any]] = []
 
     def replay(self, inputs: list[Tensor], kept: Iterable[Tensor], result: Tensor, aux: list,
-               code: Any) -> "Replay | None":
+               frame: Callable) -> "Replay | None":
         """The step as a ``Replay``, or None where replaying it would not be the same step
         (module doc). ``inputs``: the step's own input tensors, in the order ``Replay.__call__``
         takes them; ``kept``: every tensor that stays the same object from step to step;
-        ``result``: what the step returned; ``code``: the step's frame code (its Dynamo entries)."""
+        ``result``: what the step returned; ``frame``: the function Dynamo compiled (its entries)."""
         if len(self.calls) != 1 or aux:
             return None
-        fn, args, out = self.calls[0]
+        seen = generation()
+        wrapper, fn, args, out = self.calls[0]
         if not isinstance(out, (list, tuple)):
             return None
         which = [i for i, o in enumerate(out) if o is result]
         if len(which) != 1:
             return None
         kept_ids = {id(t) for t in kept}
-        slots = []
+        places = []  # where each step input goes in the argument list (None: not read)
         for x in inputs:
             at = [i for i, a in enumerate(args) if a is x]
             if len(at) > 1:
                 return None
-            slots.append(at[0] if at else None)
+            places.append(at[0] if at else None)
         for i, a in enumerate(args):
-            if i not in slots and not (isinstance(a, Tensor) and id(a) in kept_ids):
+            if type(a) not in (Tensor, torch.nn.Parameter) or (i not in places and id(a) not in kept_ids):
                 return None
-        if not _only_calls_graph(code):
+        if not _only_calls_graph(frame, wrapper):
             return None
-        return Replay(fn, args, slots, which[0])
+        return Replay(fn, args, places, which[0], seen)
 
 
 @contextlib.contextmanager
@@ -111,18 +141,20 @@ def capture() -> Iterator[Capture]:
         _STATE.capture = outer
 
 
-def _only_calls_graph(code: Any) -> bool:
-    """Whether every Dynamo entry of ``code`` only fetches its inputs, calls its compiled
-    function and returns: no stores outside its locals, and as many calls as loads of the
-    compiled functions (``__compiled_fn_*``) and of Dynamo's bytecode timers. Code of another
-    shape (a later torch's, a graph break's resume call) is refused, never guessed at."""
+def _only_calls_graph(frame: Callable, wrapper: Callable) -> bool:
+    """Whether Dynamo's entry of function ``frame`` that calls ``wrapper`` (every entry, where none can be
+    told to) only fetches its inputs, calls its compiled function and returns: no stores
+    outside its locals, and as many calls as loads of the compiled functions
+    (``__compiled_fn_*``) and of Dynamo's bytecode timers. Code of another shape (a later
+    torch's, a graph break's resume call) is refused, never guessed at."""
     try:
-        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(code)
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(frame.__code__)
     except (AttributeError, RuntimeError, TypeError):
         return False
     if not entries:
         return False
-    for entry in entries:
+    ours = [entry for entry in entries if _calls(entry.code, frame.__globals__, wrapper)]
+    for entry in ours or entries:
         calls = callees = 0
         for ins in dis.get_instructions(entry.code):
             if ins.opname in _MUTATING:
@@ -138,19 +170,32 @@ def _only_calls_graph(code: Any) -> bool:
     return True
 
 
+def _calls(entry_code: Any, globals_: dict, wrapper: Callable) -> bool:
+    """Whether ``entry_code`` loads a compiled function that is ``wrapper`` (Dynamo installs it
+    among the frame's globals, inside decorators of its own that keep it as ``__wrapped__``)."""
+    for name in (n for n in entry_code.co_names if n.startswith("__compiled_fn")):
+        fn, depth = globals_.get(name), 0
+        while fn is not None and depth < 8:
+            if fn is wrapper:
+                return True
+            fn, depth = getattr(fn, "__wrapped__", None), depth + 1
+    return False
+
+
 class Replay:
     """One compiled step shape, called without Dynamo: ``replay(tokens, slots, starts)`` -> the
     step's result, from the argument list its compiling call received with the step's inputs put
-    in (``Capture.replay``). The arguments are kept as they were: the weights and cache pools the
-    list holds are the runner's own (a runner's model must not change its modules, as with
-    Dynamo's guards skipped, ``Runner._dynamo_context``)."""
+    in (``Capture.replay``). The weights and cache pools the list holds are the objects Dynamo
+    fetched then: valid while ``generation()`` stays ``self.generation`` (weights changed in
+    place are read as they are; a model must not change dtype or device under a runner, as
+    with Dynamo's guards skipped, ``Runner._dynamo_context``)."""
 
-    def __init__(self, fn: Callable, args: list, slots: list[int | None], which: int):
-        self.fn, self.which = fn, which
+    def __init__(self, fn: Callable, args: list, places: list[int | None], which: int, generation: int):
+        self.fn, self.which, self.generation = fn, which, generation
         self.args = list(args)
-        self.slots = slots
+        self.places = places
         # inductor's code reads its inputs' memory as compiled: same dtype, device, shape, strides
-        self.layouts = [None if at is None else _layout(args[at]) for at in slots]
+        self.layouts = [None if at is None else _layout(args[at]) for at in places]
 
     def fits(self, *inputs: Tensor) -> bool:
         """Whether ``inputs`` lie in memory as the compiling call's did."""
@@ -159,7 +204,7 @@ class Replay:
     def __call__(self, *inputs: Tensor) -> Tensor:
         """The step's result for ``inputs`` (check ``fits`` first)."""
         args = list(self.args)
-        for at, x in zip(self.slots, inputs):
+        for at, x in zip(self.places, inputs):
             if at is not None:
                 args[at] = x
         out = self.fn(*args)

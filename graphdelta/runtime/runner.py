@@ -49,6 +49,7 @@ from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, Pendin
 from graphdelta.runtime.forward import Batch, HybridForward, Writes, experts_implementation, static_experts
 from graphdelta.runtime.layers import ModelSpec
 from graphdelta.runtime.replay import Replay, capture, recording_inductor
+from graphdelta.runtime.replay import generation as replay_generation
 
 WINDOW_BLOCK = 64  # attention windows: multiples of this (eager), or it times powers of 2 (static)
 
@@ -207,7 +208,7 @@ class Runner:
         if not compile_steps:
             self._forward = self.forward
         elif self.device.type == "cpu":
-            self._forward = torch.compile(self.forward, dynamic=False, backend=recording_inductor(options))
+            self._forward = torch._dynamo.optimize(recording_inductor(options), dynamic=False)(self.forward)
         else:
             self._forward = torch.compile(self.forward, dynamic=False, options=options)
         self._replays: dict[tuple[int, int, bool, int], Replay] = {}
@@ -428,15 +429,24 @@ class Runner:
 
         key = (tokens.shape[0], tokens.shape[1], keep, window)
         replay = self._replays.get(key)
+        # A module's tensors were set, Dynamo reset, or a graph compiled since the capture: the
+        # replay's arguments may be stale, so this call runs with its guards and captures anew.
+        recapture = replay is not None and replay.generation != replay_generation()
+        if recapture:
+            del self._replays[key]
+            replay = None
         if (replay is not None and not torch.is_grad_enabled() and replay.fits(tokens, slots, starts)
                 and self._may_skip_guards()):
             return replay(tokens, slots, starts), aux
         rows = tokens.shape[0] if tokens.shape[1] == 1 else 1  # decode steps only (_reduction_rows)
-        compiling = self._compiling
-        with static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(rows), capture() as seen:
+        compiling = self._compiling or recapture
+        with (static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(rows, recapture),
+              capture() as seen):
             logits = self._forward(tokens, batch, aux)
+        if recapture:  # (as after a first call: _first_of)
+            self._entries = _compiled_entries()
         if compiling and self.device.type == "cpu" and self.skip_guards and not keep and not torch.is_grad_enabled():
-            replay = seen.replay([tokens, slots, starts], self._kept(), logits, aux, HybridForward.forward.__code__)
+            replay = seen.replay([tokens, slots, starts], self._kept(), logits, aux, HybridForward.forward)
             if replay is not None:
                 self._replays[key] = replay
         return logits, aux
@@ -446,7 +456,7 @@ class Runner:
         parameters and buffers, and the cache pools (``replay.Capture.replay``)."""
         return [*self.forward.parameters(), *self.forward.buffers(), *self.cache.buffers()]
 
-    def _dynamo_context(self, rows: int = 1):
+    def _dynamo_context(self, rows: int = 1, guarded: bool = False):
         """How a compiled step runs (``rows``: a decode step's batch bucket, else 1). Its first
         call per shape (``_first_of``) compiles it, under the compiler's recompile limit (each
         (batch bucket, T, window) is a compilation of the same frames, and Dynamo's default
@@ -459,8 +469,9 @@ class Runner:
         them is a sizable part of a tiny model's step (with the cheaper MoE switch, the shipped
         model's compiled step went from 0.84 to 0.72 ms, benchmarks/token_overhead.py). So a
         runner's model must not change dtype, device or modules after the runner is made: make
-        a new Runner (``skip_guards=False`` keeps the guards)."""
-        if self._compiling or (self.compile_steps and not self._may_skip_guards()):
+        a new Runner (``skip_guards=False`` keeps the guards). ``guarded``: evaluate them anyway
+        (a step captured again for its replay, ``_run``)."""
+        if self._compiling or guarded or (self.compile_steps and not self._may_skip_guards()):
             return _compiling(self._recompile_limit, self.device, self._reduction_rows(rows))
         if not self.compile_steps:
             return self._recompile_limit
@@ -494,8 +505,8 @@ class Runner:
         to be compiled again with their guards; more means another runner compiled this frame
         since: the guards run until this runner's next compile. Either way no shape can reach
         an entry that was not compiled for it. The stance is process-wide: compiled code that
-        other threads run during a step skips its guards too (the runners' steps take turns
-        under one lock, ``static_experts``)."""
+        other threads run during a step skips its guards too (the runners' steps through
+        Dynamo take turns under one lock, ``static_experts``; replayed steps set no stance)."""
         stance = getattr(torch._dynamo.eval_frame, "_stance", None)
         if (not self.skip_guards or getattr(stance, "stance", None) != "default"
                 or getattr(stance, "backend", None) is not None or getattr(stance, "skip_guard_eval_unsafe", True)):
