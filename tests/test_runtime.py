@@ -351,11 +351,10 @@ def test_compiled_steps_skip_guards_only_once_compiled(qwen):
         last = static.decode([slot], last.argmax(-1).tolist())
         again.append(last)
     torch.testing.assert_close(torch.stack(again), logits[0][:4], atol=ATOL, rtol=0)
-    # the reset made the replays stale (replay.generation): the first step of each window runs
-    # with its guards evaluated, so it compiles anew (under _compiling's limits, as a first
-    # call) and is captured again; the others replay
+    # the runner saw the reset (Runner._forget_if_reset): the first step of each window compiles
+    # anew as a first call (under _compiling's limits) and is captured again; the others replay
     compiling = "_GeneratorContextManager"
-    assert chosen == [(False, compiling), (False, compiling)]
+    assert chosen == [(True, compiling), (True, compiling)]
     assert sorted(static._replays) == [(1, 1, False, 64), (1, 1, False, 128)]
     assert all(static._replays[key] is not replays[key] for key in replays)
     with torch.compiler.set_stance("force_eager"):  # a stance of the user's is kept: no skipping

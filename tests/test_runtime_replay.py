@@ -85,7 +85,7 @@ def _first_call(toy: Toy, x: torch.Tensor):
     step = torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
     with torch.no_grad(), capture() as seen:
         result = step(x)
-    return seen.replay([x], [*toy.parameters(), *toy.buffers()], result, [], type(toy).forward), result
+    return seen.replay([x], toy, [], result, [], type(toy).forward), result
 
 
 def test_a_pure_step_replays_with_the_same_result():
@@ -102,6 +102,14 @@ def test_a_pure_step_replays_with_the_same_result():
     assert not replay.fits(torch.randn(4, 2).t())  # another layout in memory
     assert not replay.fits(torch.randn(3, 4))
     assert not replay.fits(other.double())
+    assert replay.fresh()
+    w = toy.w
+    toy._parameters["w"] = nn.Parameter(w.detach() + 1)  # set anew, past torch's hooks: stale
+    assert not replay.fresh()
+    toy._parameters["w"] = w
+    assert replay.fresh()
+    toy.w = nn.Parameter(w.detach())  # set anew with the same values: still another object
+    assert not replay.fresh()
 
 
 @pytest.mark.parametrize("kind", [Appends, Counts, Breaks, ReadsFresh, Wraps, FillsDict, SetsGlobal])
@@ -123,10 +131,10 @@ def test_only_the_entry_that_ran_is_checked():
     with torch.no_grad():
         with capture() as seen:
             result = step(x, keep=True)
-        assert seen.replay([x], [*toy.parameters()], result, [], Keeps.forward) is None
+        assert seen.replay([x], toy, [], result, [], Keeps.forward) is None
         with capture() as seen:
             result = step(x)
-        assert seen.replay([x], [*toy.parameters()], result, [], Keeps.forward) is not None
+        assert seen.replay([x], toy, [], result, [], Keeps.forward) is not None
     assert toy.seen == [1]
 
 
@@ -134,19 +142,18 @@ def test_a_step_that_grows_aux_or_calls_twice_never_replays():
     toy, x = Toy(), torch.randn(2, 4)
     torch._dynamo.reset()
     step = torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
-    kept = [*toy.parameters()]
     with torch.no_grad():
         with capture() as seen:
             result = step(x)
-        assert seen.replay([x], kept, result, ["an aux entry"], Toy.forward) is None
+        assert seen.replay([x], toy, [], result, ["an aux entry"], Toy.forward) is None
         with capture() as seen:
             step(x)
             result = step(x)
         assert len(seen.calls) == 2
-        assert seen.replay([x], kept, result, [], Toy.forward) is None
+        assert seen.replay([x], toy, [], result, [], Toy.forward) is None
         with capture() as seen:
             result = step(x)
-        assert seen.replay([x], [], result, [], Toy.forward) is None  # w is not kept
+        assert seen.replay([x], nn.Module(), [], result, [], Toy.forward) is None  # w is not kept
 
 
 def test_runners_sharing_a_compiled_step_replay_their_own_caches(monkeypatch):
@@ -192,9 +199,10 @@ def test_runners_sharing_a_compiled_step_replay_their_own_caches(monkeypatch):
 
 def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
     """A replay holds the tensors its compiling call got. A weight set anew (``load_state_dict``
-    with ``assign=True``) or a reset of Dynamo's caches makes each shape's next step run with
+    with ``assign=True``, or a write to ``_parameters``) or a reset of Dynamo's caches makes each shape's next step run with
     its guards and be captured again: the logits stay the eager runner's, including where the
-    first step after a reset is a shape never compiled before."""
+    first step after a reset is a shape never compiled before, and a verify step compiled
+    before the reset runs after it."""
     from graphdelta.runtime import Runner
     from models import build, tokens
 
@@ -224,8 +232,14 @@ def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
         second = ours._replays[(1, 1, False, 64)]
         assert second is not first
         both("a", 6)
+        drafts = torch.tensor([[6, 9]])
+        got, want = (runner.verify([slots["a", runner]], drafts) for runner in (ours, eager))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        for runner in (ours, eager):
+            runner.accept([1])
 
-        qwen.load_state_dict({"model.norm.weight": norm.detach() - 0.5}, strict=False, assign=True)
+        # a direct write to the module's dictionary passes no hook: the tree check sees it
+        qwen.model.norm._parameters["weight"] = nn.Parameter(norm.detach() - 0.5)
         torch._dynamo.reset()
         for runner in (ours, eager):  # the first step after the reset: window 128, a new shape
             slots["b", runner] = runner.allocate()
@@ -233,5 +247,7 @@ def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
         both("b", 7)
         both("a", 8)  # window 64 again
         assert ours._replays[(1, 1, False, 64)] is not second
+        got, want = (runner.verify([slots["a", runner]], drafts) for runner in (ours, eager))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     finally:
         torch.set_num_threads(threads)

@@ -48,8 +48,7 @@ from graphdelta import checks, progress
 from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, PendingVerify
 from graphdelta.runtime.forward import Batch, HybridForward, Writes, experts_implementation, static_experts
 from graphdelta.runtime.layers import ModelSpec
-from graphdelta.runtime.replay import Replay, capture, recording_inductor
-from graphdelta.runtime.replay import generation as replay_generation
+from graphdelta.runtime.replay import Replay, capture, recording_inductor, resets
 
 WINDOW_BLOCK = 64  # attention windows: multiples of this (eager), or it times powers of 2 (static)
 
@@ -212,6 +211,7 @@ class Runner:
         else:
             self._forward = torch.compile(self.forward, dynamic=False, options=options)
         self._replays: dict[tuple[int, int, bool, int], Replay] = {}
+        self._resets = resets()  # Dynamo cache resets seen (_forget_if_reset)
         from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
 
         self._recompile_limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable
@@ -334,6 +334,7 @@ class Runner:
         raise ValueError(f"batch of {batch} sequences exceeds max_batch={self.max_batch}")
 
     def _step(self, slots: list[int], tokens: Tensor, keep: bool) -> tuple[Tensor, list[LinearAux]]:
+        self._forget_if_reset()
         B, T = tokens.shape
         for slot in slots:
             self.cache.check_room(slot, T)
@@ -387,6 +388,7 @@ class Runner:
         longest = min(longest, self.cache.max_len)
         if not (self.cuda_graphs or self.compile_steps) or shortest > longest:
             return
+        self._forget_if_reset()
         size = self.bucket(min(batch, self.max_batch))
         lo, hi = self._window(shortest), self._window(longest)
         for window in (w for w in self.windows if lo <= w <= hi):
@@ -429,9 +431,9 @@ class Runner:
 
         key = (tokens.shape[0], tokens.shape[1], keep, window)
         replay = self._replays.get(key)
-        # A module's tensors were set, Dynamo reset, or a graph compiled since the capture: the
-        # replay's arguments may be stale, so this call runs with its guards and captures anew.
-        recapture = replay is not None and replay.generation != replay_generation()
+        # A module's parameter, buffer or submodule was set since the capture: the replay's
+        # arguments may be stale, so this call runs with its guards and captures anew.
+        recapture = replay is not None and not replay.fresh()
         if recapture:
             del self._replays[key]
             replay = None
@@ -446,15 +448,11 @@ class Runner:
         if recapture:  # (as after a first call: _first_of)
             self._entries = _compiled_entries()
         if compiling and self.device.type == "cpu" and self.skip_guards and not keep and not torch.is_grad_enabled():
-            replay = seen.replay([tokens, slots, starts], self._kept(), logits, aux, HybridForward.forward)
+            replay = seen.replay([tokens, slots, starts], self.forward, self.cache.buffers(), logits, aux,
+                                 HybridForward.forward)
             if replay is not None:
                 self._replays[key] = replay
         return logits, aux
-
-    def _kept(self) -> list[Tensor]:
-        """The tensors a step reads that stay the same objects from step to step: the modules'
-        parameters and buffers, and the cache pools (``replay.Capture.replay``)."""
-        return [*self.forward.parameters(), *self.forward.buffers(), *self.cache.buffers()]
 
     def _dynamo_context(self, rows: int = 1, guarded: bool = False):
         """How a compiled step runs (``rows``: a decode step's batch bucket, else 1). Its first
@@ -496,6 +494,16 @@ class Runner:
         if any(not isinstance(k, int) or k < 2 for k in per_token):
             return 1
         return rows
+
+    def _forget_if_reset(self) -> None:
+        """After a reset of Dynamo's caches (``replay.resets``), forget the compiled shapes and
+        their replays: each is compiled again by its next call, with its guards (a shape still
+        marked compiled would run with its guards skipped and find no entry)."""
+        if self._resets != resets():
+            self._resets = resets()
+            self._static_keys.clear()
+            self._replays.clear()
+            self._entries = None
 
     def _may_skip_guards(self) -> bool:
         """Whether this step may run with the guards skipped: only under Dynamo's default
