@@ -78,11 +78,17 @@ class Keeps(Toy):
         return torch.tanh(x @ self.w) + 1
 
 
-def _first_call(toy: Toy, x: torch.Tensor):
-    """Compile ``toy`` (a backend that records what Dynamo's compiled function is called with)
-    and call it once, as a runner's first step call is: the replay it would build, or None."""
+def _compiled(toy: Toy):
+    """``toy`` compiled afresh by a backend that records what Dynamo's compiled function is
+    called with."""
     torch._dynamo.reset()
-    step = torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
+    return torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
+
+
+def _first_call(toy: Toy, x: torch.Tensor):
+    """Compile ``toy`` and call it once, as a runner's first step call is: the replay it would
+    build, or None."""
+    step = _compiled(toy)
     with torch.no_grad(), capture() as seen:
         result = step(x)
     return seen.replay([x], toy, [], result, [], type(toy).forward), result
@@ -126,8 +132,7 @@ def test_steps_that_do_more_than_the_compiled_function_never_replay(kind):
 def test_only_the_entry_that_ran_is_checked():
     """A verify step's entry of the same frame mutates ``aux``; decode steps still replay."""
     toy, x = Keeps(), torch.randn(2, 4)
-    torch._dynamo.reset()
-    step = torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
+    step = _compiled(toy)
     with torch.no_grad():
         with capture() as seen:
             result = step(x, keep=True)
@@ -140,8 +145,7 @@ def test_only_the_entry_that_ran_is_checked():
 
 def test_a_step_that_grows_aux_or_calls_twice_never_replays():
     toy, x = Toy(), torch.randn(2, 4)
-    torch._dynamo.reset()
-    step = torch.compile(toy, backend=lambda gm, example: recorded(gm.forward), dynamic=False)
+    step = _compiled(toy)
     with torch.no_grad():
         with capture() as seen:
             result = step(x)

@@ -106,7 +106,8 @@ class Capture:
         which = [i for i, o in enumerate(out) if o is result]
         if len(which) != 1:
             return None
-        kept_ids = {id(t) for t in (*root.parameters(), *root.buffers(), *pools)}
+        tree = _tree(root)
+        kept_ids = {id(v) for _, _, v in tree if isinstance(v, Tensor)} | {id(t) for t in pools}
         places = []  # where each step input goes in the argument list (None: not read)
         for x in inputs:
             at = [i for i, a in enumerate(args) if a is x]
@@ -118,7 +119,7 @@ class Capture:
                 return None
         if not _only_calls_graph(frame, wrapper):
             return None
-        return Replay(fn, args, places, which[0], _tree(root))
+        return Replay(fn, args, places, which[0], tree)
 
 
 @contextlib.contextmanager
