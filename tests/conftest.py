@@ -1,7 +1,7 @@
 """Test set-up: Triton kernels run on CPU tensors under the interpreter when there is no GPU,
 hypothesis runs a small example count by default (profile ``ci``; ``fuzz`` for long runs,
-chosen with HYPOTHESIS_PROFILE=fuzz), and tests marked ``slow`` run only with
-GRAPHDELTA_SLOW=1."""
+chosen with HYPOTHESIS_PROFILE=fuzz), tests marked ``slow`` run only with GRAPHDELTA_SLOW=1, and
+each pytest-xdist worker uses one torch thread."""
 import os
 
 import torch
@@ -9,6 +9,12 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before any @triton.jit function is created.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker process per core (the README's test command): one thread each,
+    # so that the workers do not contend for the cores (inductor's CPU code waits at a barrier
+    # for every parallel loop, and a thread that lost its core holds all the others up).
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

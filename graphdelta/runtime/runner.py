@@ -424,9 +424,9 @@ class Runner:
     def _run(self, tokens: Tensor, slots: Tensor, starts: Tensor, window: int, keep: bool,
              writes: Writes | None = None):
         """The static step: shapes depend only on (bucket, T, window)."""
-        batch = Batch(slots, starts, tokens.shape[1], window, keep_intermediate=keep)
         aux: list[LinearAux] = []
         if not (self.cuda_graphs or self.compile_steps):
+            batch = Batch(slots, starts, tokens.shape[1], window, keep_intermediate=keep)
             return self._forward(tokens, batch, aux, writes=writes), aux  # the model's own MoE dispatch
 
         key = (tokens.shape[0], tokens.shape[1], keep, window)
@@ -440,6 +440,7 @@ class Runner:
         if (replay is not None and not torch.is_grad_enabled() and replay.fits(tokens, slots, starts)
                 and self._may_skip_guards()):
             return replay(tokens, slots, starts), aux
+        batch = Batch(slots, starts, tokens.shape[1], window, keep_intermediate=keep)
         rows = tokens.shape[0] if tokens.shape[1] == 1 else 1  # decode steps only (_reduction_rows)
         compiling = self._compiling or recapture
         with (static_experts(self.forward.experts_configs, self.experts), self._dynamo_context(rows, recapture),
