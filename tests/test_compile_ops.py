@@ -23,9 +23,10 @@ def layer(q, k, v, g, beta, h0, pool, slots, x, w, conv_pool):
 def _inputs(T):
     p = ProblemSpec(B=2, T=T, H=1, group=2, K=16, V=16, initial_state=True, l2norm_in_kernel=True,
                     per_channel_gate=True, seed=T).build()
-    pool = torch.randn(4, 2, 16, 16)
-    conv_pool = torch.randn(4, 8, 3)
-    x, w = torch.randn(2, T, 8), torch.randn(8, 4)
+    gen = torch.Generator().manual_seed(T)  # the same inputs whatever ran before in the process
+    pool = torch.randn(4, 2, 16, 16, generator=gen)
+    conv_pool = torch.randn(4, 8, 3, generator=gen)
+    x, w = torch.randn(2, T, 8, generator=gen), torch.randn(8, 4, generator=gen)
     return (p.q, p.k, p.v, p.g, p.beta, p.initial_state, pool, torch.tensor([3, -1], dtype=torch.int32),
             x, w, conv_pool)
 

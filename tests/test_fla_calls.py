@@ -379,7 +379,8 @@ def test_against_fla_s_own_references():
 
     q, k, v, g_raw, beta_raw, h0 = inputs(2, 40, 2, 4, 16, 16, seed=14)
     rq, rk = (F.normalize(x, dim=-1).repeat_interleave(2, dim=2) for x in (q, k))
-    A_log, dt_bias = torch.randn(4), torch.randn(4)
+    gen = torch.Generator().manual_seed(13)
+    A_log, dt_bias = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
     g, beta = naive_gdn_gate(g_raw, A_log, dt_bias), beta_raw.sigmoid()
     ref_o, ref_s = naive_recurrent_gated_delta_rule(rq, rk, v, beta, g, initial_state=h0, output_final_state=True)
     for fn in (fla.chunk_gated_delta_rule, fla.fused_recurrent_gated_delta_rule):

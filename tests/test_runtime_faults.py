@@ -24,8 +24,10 @@ ATOL = 2e-5
 
 @pytest.fixture(scope="module")
 def qwen():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return build("qwen3_next")
+    yield build("qwen3_next")
+    torch.set_num_threads(threads)  # (a serial run goes on to other files)
 
 
 def reference(model, history: list[int]) -> torch.Tensor:
