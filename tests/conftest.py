@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest-xdist runs one worker process per core (the README's test command): one thread each,
+    # pytest-xdist runs one worker process per CPU (the README's test command): one thread each,
     # so that the workers do not contend for the cores (inductor's CPU code waits at a barrier
     # for every parallel loop, and a thread that lost its core holds all the others up).
     torch.set_num_threads(1)

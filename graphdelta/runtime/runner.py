@@ -502,9 +502,13 @@ class Runner:
         marked compiled would run with its guards skipped and find no entry)."""
         if self._resets != resets():
             self._resets = resets()
-            self._static_keys.clear()
-            self._replays.clear()
-            self._entries = None
+            self._forget_compiled()
+
+    def _forget_compiled(self) -> None:
+        """Drop every compiled shape and replay: each shape's next call compiles it again."""
+        self._static_keys.clear()
+        self._replays.clear()
+        self._entries = None
 
     def _may_skip_guards(self) -> bool:
         """Whether this step may run with the guards skipped: only under Dynamo's default
@@ -523,9 +527,7 @@ class Runner:
         entries = _compiled_entries()
         if entries is None or entries != self._entries:
             if entries is not None and self._entries is not None and entries < self._entries:
-                self._static_keys.clear()
-                self._replays.clear()
-                self._entries = None
+                self._forget_compiled()
             return False
         return True
 
