@@ -41,6 +41,40 @@ def model_dtype(args) -> torch.dtype:
     return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
 
 
+def add_step_arguments(parser, pairs: int) -> None:
+    """The options of a benchmark that compiles a decode step two ways and times them in turns:
+    ``--config`` (the shipped tiny model or the mid-size one), ``--pairs``, ``--rounds``,
+    ``--steps`` and ``--threads``; ``parse_step_arguments`` reads them."""
+    parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
+    parser.add_argument("--pairs", type=int, default=pairs, help="compiles of each variant per shape")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 tiny, 20 mid)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+
+
+def parse_step_arguments(parser, argv=None):
+    """``add_step_arguments``' options, checked, with the torch threads set and ``args.steps``
+    filled in: returns (args, model), the model of ``--config`` (``embedded``: the shipped
+    trained Qwen3-Next; ``mid``: a random-weight one of hidden 1024 and 8 layers)."""
+    import sys
+
+    args = parser.parse_args(argv)
+    for name in ("pairs", "rounds", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} {value}: must be at least 1")
+    torch.set_num_threads(args.threads)
+    args.steps = args.steps or (20 if args.config == "mid" else 200)
+    if args.config == "mid":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import models
+
+        return args, models.build("qwen3_next", hidden=1024, layers=8)
+    import graphdelta
+
+    return args, graphdelta.assets.load_default_model()[0]
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronized when a GPU is in use)."""
     sync = synchronizer("cuda" if torch.cuda.is_available() else "cpu")

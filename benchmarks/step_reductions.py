@@ -28,37 +28,20 @@ from pathlib import Path
 
 import torch
 
-from common import write_results
+from common import add_step_arguments, parse_step_arguments, write_results
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--pairs", type=int, default=3, help="compiles of each variant per batch")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 tiny, 20 mid)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args(argv)
-    for name in ("pairs", "rounds", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} {value}: must be at least 1")
+    add_step_arguments(parser, pairs=3)
+    args, model = parse_step_arguments(parser, argv)
     if any(b < 1 for b in args.batches):
         parser.error(f"--batches {args.batches}: each must be at least 1")
-    torch.set_num_threads(args.threads)
 
-    import graphdelta
     from graphdelta.runtime.runner import Runner, _cpu_step_options
 
-    if args.config == "mid":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import models
-
-        model = models.build("qwen3_next", hidden=1024, layers=8)
-    else:
-        model = graphdelta.assets.load_default_model()[0]
-    steps = args.steps or (20 if args.config == "mid" else 200)
+    steps = args.steps
 
     def time_pair(batch: int, first: str) -> tuple[dict[str, list[float]], int]:
         """ms per step of each round of ``batch``'s step compiled both ways (``first`` first,

@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graphdelta
 from graphdelta.runtime import Runner
@@ -183,10 +185,13 @@ def test_padded_rows_change_nothing(qwen):
         assert torch.equal(b[3:8], a[3:8])  # unused slots: attention, conv and recurrent state untouched
 
 
-def test_compiled_steps_match_eager_steps(qwen):
+@pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear"])
+def test_compiled_steps_match_eager_steps(family):
     """``compile_steps=True`` (inductor over the whole step, static MoE dispatch, the sentinel
-    row for the padded row of bucket 4) gives the eager steps' logits and cache."""
-    runners = [Runner(qwen, max_seqs=4, max_len=40, compile_steps=c) for c in (False, True)]
+    row for the padded row of bucket 4, attention as reductions: GQA for Qwen3-Next, MLA's
+    expanded heads with a value size of their own for Kimi Linear) gives the eager steps'
+    logits and cache."""
+    runners = [Runner(model(family), max_seqs=4, max_len=40, compile_steps=c) for c in (False, True)]
     logits = []
     for runner in runners:
         slots = [runner.allocate() for _ in range(3)]
@@ -200,6 +205,37 @@ def test_compiled_steps_match_eager_steps(qwen):
     assert [key[:3] for key in runners[1]._replays] == [(4, 1, False)]  # the later steps replayed
     for a, b in zip(runners[0].cache.buffers(), runners[1].cache.buffers()):
         torch.testing.assert_close(a[:3], b[:3], atol=ATOL, rtol=0)
+
+
+@settings(deadline=None)
+@given(st.sampled_from([(4, 2), (4, 4), (6, 2), (8, 1)]), st.sampled_from([(16, 16), (24, 8)]),
+       st.integers(1, 3), st.integers(1, 70), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**31 - 1))
+def test_one_query_attention_matches_float64_attention(heads, dims, n, window, dtype, seed):
+    """The compiled CPU decode step's attention (``one_query_attention``) against float64
+    softmax attention: query head h reads key head h // (H / Hkv), masked positions (past each
+    row's own, at least position 0 attended) take no weight. Tolerance: float32 2e-6, bfloat16
+    1e-2 relative to the largest output (its result is rounded to bfloat16 once)."""
+    from graphdelta.runtime.forward import one_query_attention
+
+    (H, Hkv), (D, Dv) = heads, dims
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, 1, H, D, generator=g).to(dtype)
+    keys = torch.randn(n, Hkv, window, D, generator=g).to(dtype)
+    values = torch.randn(n, Hkv, window, Dv, generator=g).to(dtype)
+    last = torch.randint(0, window, (n,), generator=g)  # each row's position
+    mask = torch.arange(window)[None, None, :] <= last[:, None, None]
+    scale = D ** -0.5
+    group = H // Hkv
+    k64 = keys.double().repeat_interleave(group, dim=1)  # [n, H, W, D]
+    v64 = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,nhwd->nhw", q.double()[:, 0], k64) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    want = torch.einsum("nhw,nhwd->nhd", scores.softmax(-1), v64)[:, None]
+    got = one_query_attention(q, keys, values, mask, scale)
+    assert got.shape == (n, 1, H, Dv) and got.dtype == dtype
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
 
 
 def _spy_on_the_decomposition(monkeypatch):
