@@ -75,6 +75,26 @@ def parse_step_arguments(parser, argv=None):
     return args, graphdelta.assets.load_default_model()[0]
 
 
+def paired_bars(rows: list[dict], bars: dict[str, str], label: Callable[[dict], str], title: str) -> Callable:
+    """A ``write_results`` plot of two variants per row: ``bars`` maps each row key (ms per
+    step) to its legend, ``label(row)`` names the row's group."""
+    def plot(path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        x = range(len(rows))
+        for offset, (key, legend) in zip((-0.2, 0.2), bars.items()):
+            ax.bar([i + offset for i in x], [r[key] for r in rows], 0.4, label=legend)
+        ax.set_xticks(list(x), [label(r) for r in rows])
+        ax.set_ylabel("ms per compiled step")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+
+    return plot
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronized when a GPU is in use)."""
     sync = synchronizer("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,11 +20,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from common import add_step_arguments, parse_step_arguments, write_results
+from common import add_step_arguments, paired_bars, parse_step_arguments, write_results
 
 
 def sdpa_attention(q, keys, values, mask, scale):
@@ -103,19 +102,8 @@ def main(argv=None) -> None:
     for row in rows:
         print(row, flush=True)
 
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["sdpa_ms"] for r in rows], 0.4, label="SDPA call")
-        ax.bar([i + 0.2 for i in x], [r["reductions_ms"] for r in rows], 0.4, label="reductions (runtime)")
-        ax.set_xticks(list(x), [f"window {r['window']}" for r in rows])
-        ax.set_ylabel("ms per compiled step")
-        ax.set_title(f"{args.config}: compiled CPU decode step, batch 1")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
+    plot = paired_bars(rows, {"sdpa_ms": "SDPA call", "reductions_ms": "reductions (runtime)"},
+                       lambda r: f"window {r['window']}", f"{args.config}: compiled CPU decode step, batch 1")
 
     command = "python benchmarks/step_attention.py " + " ".join(sys.argv[1:] if argv is None else argv)
     columns = ["config", "window", "sdpa_ms", "reductions_ms", "speedup", "pair_speedups", "max_logit_diff"]

@@ -24,11 +24,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from common import add_step_arguments, parse_step_arguments, write_results
+from common import add_step_arguments, paired_bars, parse_step_arguments, write_results
 
 
 def main(argv=None) -> None:
@@ -93,19 +92,8 @@ def main(argv=None) -> None:
     for row in rows:
         print(row, flush=True)
 
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["gemm_ms"] for r in rows], 0.4, label="GEMM (row limit 1)")
-        ax.bar([i + 0.2 for i in x], [r["reductions_ms"] for r in rows], 0.4, label="reductions (runner)")
-        ax.set_xticks(list(x), [f"batch {r['batch']}" for r in rows])
-        ax.set_ylabel("ms per compiled step")
-        ax.set_title(f"{args.config}: compiled CPU decode step")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
+    plot = paired_bars(rows, {"gemm_ms": "GEMM (row limit 1)", "reductions_ms": "reductions (runner)"},
+                       lambda r: f"batch {r['batch']}", f"{args.config}: compiled CPU decode step")
 
     command = "python benchmarks/step_reductions.py " + " ".join(sys.argv[1:] if argv is None else argv)
     columns = ["config", "batch", "row_limit", "gemm_ms", "reductions_ms", "speedup", "pair_speedups", "pair_ms"]
