@@ -255,3 +255,47 @@ def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held():
+    """A compiled CPU step fills inputs it keeps per bucket in place (``runner._HostInputs``).
+    A batch that shrinks within its bucket pads the row it freed again (slot -1: the slot that
+    left is not stepped), and a step that finds them held by another step builds its own
+    without touching them. Logits and every cache part stay the eager runner's."""
+    from graphdelta.runtime import Runner
+    from models import build, tokens
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        qwen = build("qwen3_next")
+        eager, ours = (Runner(qwen, max_seqs=4, max_len=128, compile_steps=c) for c in (False, True))
+        nexts = {}  # (runner, slot) -> the slot's next token
+        for runner in (eager, ours):
+            slots = [runner.allocate() for _ in range(4)]
+            logits = runner.prefill(slots, [tokens(5 + 3 * i, seed=i)[0] for i in range(4)])
+            nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
+
+        def both(slots):
+            got, want = (runner.decode(slots, [nexts[runner, s] for s in slots]) for runner in (ours, eager))
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+            for runner, logits in ((ours, got), (eager, want)):
+                nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
+
+        both([0, 1, 2, 3])
+        both([0, 1, 2])  # bucket 4 still: row 3 pads
+        kept = ours._host_inputs[4, 1]
+        assert kept.slots.tolist() == [0, 1, 2, -1] and kept.starts.tolist()[3] == 0
+        assert kept._lock.acquire(blocking=False)  # as another step would hold them
+        try:
+            before = [t.clone() for t in (kept.tokens, kept.slots, kept.starts)]
+            both([2, 0, 1])  # bucket 4, other order
+            assert all(torch.equal(a, b) for a, b in zip(before, (kept.tokens, kept.slots, kept.starts)))
+        finally:
+            kept._lock.release()
+        both([0, 1, 2])
+        assert eager.cache.lengths == ours.cache.lengths
+        for a, b in zip(eager.cache.buffers(), ours.cache.buffers()):
+            torch.testing.assert_close(b[:4], a[:4], atol=2e-5, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
