@@ -1,5 +1,6 @@
 """Where a decoded token's time goes, end to end, CPU: ``graphdelta.generate`` per step after
-the first token, ``Runner.decode`` per step (greedy argmax, no streaming), and the compiled step alone
+the first token, ``Runner.decode`` per step (greedy argmax, no streaming), the same with the step's inputs built
+per step (as before the runner kept them in place), and the compiled step alone
 (``Runner._run``: no validation, no cache bookkeeping), and that step called through Dynamo
 instead of replayed (graphdelta/runtime/replay.py). The differences are the per-token overhead
 of generate, of the runner around the step, and of Dynamo.
@@ -69,8 +70,8 @@ def main(argv=None) -> None:
     runner = Runner(compiled, max_seqs=B, max_len=ids.shape[1] + N + 1, compile_steps=True, max_batch=B)
     runner.experts = args.experts or runner.experts
     generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B)  # compiles the steps
-    times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "compiled step": [],
-                                     "compiled step through Dynamo": []}
+    times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "Runner.decode, inputs built per step": [],
+                                     "compiled step": [], "compiled step through Dynamo": []}
     with torch.no_grad():  # as the runner's steps run (Dynamo guards on grad mode)
         for _ in range(args.rounds):
             firsts: list[float] = []  # when the first tokens came (the prompt's prefill is not timed)
@@ -78,15 +79,32 @@ def main(argv=None) -> None:
             generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B, stream=stream)
             times["generate"].append((time.perf_counter() - firsts[-1]) / (N - 1))
 
-            slots = [runner.allocate() for _ in range(B)]
-            logits = runner.prefill(slots, [ids[0].tolist()] * B)
-            start = time.perf_counter()
-            for _ in range(N - 1):  # greedy, as generate: the experts a token picks change with it
-                logits = runner.decode(slots, logits.argmax(-1).tolist())
-            times["Runner.decode"].append((time.perf_counter() - start) / (N - 1))
-            position = runner.cache.length(slots[0])
-            for slot in slots:
-                runner.free(slot)
+            def decode() -> tuple[float, torch.Tensor, list[int], int]:
+                """Greedy decode steps, as generate's (the experts a token picks change with
+                it): seconds per step, the last logits, the (freed) slots and their length."""
+                slots = [runner.allocate() for _ in range(B)]
+                logits = runner.prefill(slots, [ids[0].tolist()] * B)
+                start = time.perf_counter()
+                for _ in range(N - 1):
+                    logits = runner.decode(slots, logits.argmax(-1).tolist())
+                took = (time.perf_counter() - start) / (N - 1)
+                position = runner.cache.length(slots[0])
+                for slot in slots:
+                    runner.free(slot)
+                return took, logits, slots, position
+
+            took, logits, slots, position = decode()
+            times["Runner.decode"].append(took)
+            # The same with the step's inputs built per step, as before the runner kept them
+            # (runner._HostInputs): held inputs make each step build its own.
+            kept = list(runner._host_inputs.values())
+            for inputs in kept:
+                inputs._lock.acquire()
+            try:
+                times["Runner.decode, inputs built per step"].append(decode()[0])
+            finally:
+                for inputs in kept:
+                    inputs._lock.release()
 
             # The step on free slots' rows, at the window of the last decode: what the runner
             # calls, without its checks and bookkeeping (the slots' states are scratch now). One
