@@ -52,10 +52,11 @@ def add_step_arguments(parser, pairs: int) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 
 
-def parse_step_arguments(parser, argv=None):
-    """``add_step_arguments``' options, checked, with the torch threads set and ``args.steps``
-    filled in: returns (args, model), the model of ``--config`` (``embedded``: the shipped
-    trained Qwen3-Next; ``mid``: a random-weight one of hidden 1024 and 8 layers)."""
+def parse_step_arguments(parser, argv=None, check: Callable = lambda args: None):
+    """``add_step_arguments``' options, checked (with ``check(args)`` for the benchmark's own,
+    before anything slow), with the torch threads set and ``args.steps`` filled in: returns
+    (args, model), the model of ``--config`` (``embedded``: the shipped trained Qwen3-Next;
+    ``mid``: a random-weight one of hidden 1024 and 8 layers)."""
     import sys
 
     args = parser.parse_args(argv)
@@ -63,6 +64,7 @@ def parse_step_arguments(parser, argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} {value}: must be at least 1")
+    check(args)
     torch.set_num_threads(args.threads)
     args.steps = args.steps or (20 if args.config == "mid" else 200)
     if args.config == "mid":

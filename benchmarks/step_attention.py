@@ -7,10 +7,10 @@ which inductor fuses into the step's C++; before, it called ``F.scaled_dot_produ
 which stays an ATen call between two generated kernels. This compiles the batch-1 decode step
 of each attention window both ways, "sdpa" (``one_query_attention`` swapped for the SDPA call
 while that runner compiles) and "reductions" (the runtime as it is), and checks that their
-logits agree. Each pair compiles both after a Dynamo reset (which one first alternates between
-pairs) and times them in turns (a b b a ...), each through its replay (``Replay``: inductor's
-function called directly, the step alone without the runner's checks) over ``--rounds`` rounds
-of ``--steps`` steps. The table gives, per window, each variant's median round over all pairs,
+logits agree (within ``AGREE``; else it stops before timing). Each pair compiles both after a
+Dynamo reset (which one first alternates between pairs) and times them in turns (a b b a ...),
+each through its replay (``Replay``: inductor's function called directly, the step alone
+without the runner's checks) over ``--rounds`` rounds of ``--steps`` steps. The table gives, per window, each variant's median round over all pairs,
 the speedup (the median over the pairs of the ratio of their medians) and each pair's ratio.
 Writes step_attention_<config>.{json,md,png} to the results folder (``common.results_dir()``).
 """
@@ -26,6 +26,9 @@ import torch
 from common import add_step_arguments, paired_bars, parse_step_arguments, write_results
 
 
+AGREE = 1e-4  # largest difference of the two steps' logits (float32) that counts as the same step
+
+
 def sdpa_attention(q, keys, values, mask, scale):
     """The runtime's attention before: ``F.scaled_dot_product_attention`` (same arguments as
     ``one_query_attention``)."""
@@ -39,9 +42,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, nargs="+", default=[64, 512])
     add_step_arguments(parser, pairs=2)
-    args, model = parse_step_arguments(parser, argv)
-    if any(w < 2 for w in args.windows):
-        parser.error(f"--windows {args.windows}: each must be at least 2")
+    def check(args) -> None:
+        if any(w < 2 for w in args.windows):
+            parser.error(f"--windows {args.windows}: each must be at least 2")
+
+    args, model = parse_step_arguments(parser, argv, check)
 
     from graphdelta.runtime import forward
     from graphdelta.runtime.runner import Runner
@@ -68,6 +73,8 @@ def main(argv=None) -> None:
             replays[variant] = next(iter(runner._replays.values()))
             logits[variant] = replays[variant](tokens, slots, starts).clone()
         diff = float((logits["sdpa"] - logits["reductions"]).abs().max())
+        if not diff <= AGREE:
+            raise RuntimeError(f"window {window}: the two steps' logits differ by {diff:.3g} (> {AGREE}): not timed")
         times: dict[str, list[float]] = {"sdpa": [], "reductions": []}
         for i in range(2 * args.rounds):
             variant = order[(i + i // 2) % 2]

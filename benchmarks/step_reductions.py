@@ -34,9 +34,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 4])
     add_step_arguments(parser, pairs=3)
-    args, model = parse_step_arguments(parser, argv)
-    if any(b < 1 for b in args.batches):
-        parser.error(f"--batches {args.batches}: each must be at least 1")
+    def check(args) -> None:
+        if any(b < 1 for b in args.batches):
+            parser.error(f"--batches {args.batches}: each must be at least 1")
+
+    args, model = parse_step_arguments(parser, argv, check)
 
     from graphdelta.runtime.runner import Runner, _cpu_step_options
 

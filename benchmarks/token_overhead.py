@@ -17,7 +17,7 @@ layers, random weights, the dimensions of benchmarks/llamacpp.py's). ``--experts
 dispatch of the compiled steps (default: the runner's own choice). Dispatches are compared in
 separate runs, one after the other: two runners' compiled steps in one process share Dynamo's
 frame, and a runner skips guard evaluation only while the frame's entries are its own. Each
-round times the three in turn; the table gives medians of the rounds. Writes
+round times the five in turn; the table gives medians of the rounds. Writes
 token_overhead.{json,md} to the results folder (``common.results_dir()``).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "Runner.decode, inputs built per step": [],
                                      "compiled step": [], "compiled step through Dynamo": []}
     with torch.no_grad():  # as the runner's steps run (Dynamo guards on grad mode)
-        for _ in range(args.rounds):
+        for rnd in range(args.rounds):
             firsts: list[float] = []  # when the first tokens came (the prompt's prefill is not timed)
             stream = lambda i, token: len(firsts) < B and firsts.append(time.perf_counter())  # noqa: E731
             generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B, stream=stream)
@@ -93,18 +93,24 @@ def main(argv=None) -> None:
                     runner.free(slot)
                 return took, logits, slots, position
 
+            def built() -> float:
+                """The same with the step's inputs built per step, as before the runner kept
+                them (runner._HostInputs): held inputs make each step build its own."""
+                kept = [inputs for inputs in runner._host_inputs.values() if inputs is not None]
+                for inputs in kept:
+                    inputs._lock.acquire()
+                try:
+                    return decode()[0]
+                finally:
+                    for inputs in kept:
+                        inputs._lock.release()
+
+            if rnd % 2:  # which of the two goes first alternates between rounds
+                times["Runner.decode, inputs built per step"].append(built())
             took, logits, slots, position = decode()
             times["Runner.decode"].append(took)
-            # The same with the step's inputs built per step, as before the runner kept them
-            # (runner._HostInputs): held inputs make each step build its own.
-            kept = list(runner._host_inputs.values())
-            for inputs in kept:
-                inputs._lock.acquire()
-            try:
-                times["Runner.decode, inputs built per step"].append(decode()[0])
-            finally:
-                for inputs in kept:
-                    inputs._lock.release()
+            if not rnd % 2:
+                times["Runner.decode, inputs built per step"].append(built())
 
             # The step on free slots' rows, at the window of the last decode: what the runner
             # calls, without its checks and bookkeeping (the slots' states are scratch now). One

@@ -13,7 +13,7 @@ import graphdelta
 from graphdelta.runtime import Runner
 from graphdelta.runtime.generate import generate, runner_for, sample
 
-from models import build, build_multimodal, build_newer, newer_available, tokens
+from models import build, build_multimodal, build_newer, config, newer_available, tokens
 
 # the later families (models.NEWER_FAMILIES) the runtime runs: olmo_hybrid (post-norm attention
 # layers, NoPE or rotary, GDN with V = 2K and beta up to 2) and bailing_hybrid (MLA with
@@ -39,6 +39,13 @@ def model(family: str):
                 pytest.skip("this transformers has no OlmoHybridForCausalLM")
             nope = dict(rope_parameters={"rope_type": "default", "rope_theta": None}) if family.endswith("nope") else {}
             _models[family] = build_newer("olmo_hybrid", layers=4, **nope)
+        elif family == "kimi_linear_v24":  # MLA whose values (24) are not the keys' size (32)
+            import transformers as tf
+
+            cfg = config("kimi_linear")
+            cfg.v_head_dim = 24
+            torch.manual_seed(0)
+            _models[family] = tf.KimiLinearForCausalLM(cfg).eval()
         elif family == "bailing_hybrid":
             if not newer_available(family):
                 pytest.skip("this transformers has no BailingHybridForCausalLM")
@@ -185,12 +192,23 @@ def test_padded_rows_change_nothing(qwen):
         assert torch.equal(b[3:8], a[3:8])  # unused slots: attention, conv and recurrent state untouched
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear"])
-def test_compiled_steps_match_eager_steps(family):
+@pytest.mark.parametrize("family", ["qwen3_next", "kimi_linear_v24"])
+def test_compiled_steps_match_eager_steps(family, monkeypatch):
     """``compile_steps=True`` (inductor over the whole step, static MoE dispatch, the sentinel
     row for the padded row of bucket 4, attention as reductions: GQA for Qwen3-Next, MLA's
     expanded heads with a value size of their own for Kimi Linear) gives the eager steps'
     logits and cache."""
+    import types
+
+    from graphdelta.runtime import forward
+
+    def sdpa(*args, **kwargs):  # eager steps only: the compiled ones write attention as reductions
+        assert not torch.compiler.is_compiling(), "a compiled decode step traced SDPA"
+        return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
+
+    functional = types.SimpleNamespace(**vars(torch.nn.functional))
+    functional.scaled_dot_product_attention = sdpa
+    monkeypatch.setattr(forward, "F", functional)
     runners = [Runner(model(family), max_seqs=4, max_len=40, compile_steps=c) for c in (False, True)]
     logits = []
     for runner in runners:
@@ -210,11 +228,12 @@ def test_compiled_steps_match_eager_steps(family):
 @settings(deadline=None)
 @given(st.sampled_from([(4, 2), (4, 4), (6, 2), (8, 1)]), st.sampled_from([(16, 16), (24, 8)]),
        st.integers(1, 3), st.integers(1, 70), st.sampled_from([torch.float32, torch.bfloat16]),
-       st.integers(0, 2**31 - 1))
-def test_one_query_attention_matches_float64_attention(heads, dims, n, window, dtype, seed):
+       st.sampled_from([None, 0.07, 0.5, 1.3]), st.integers(0, 2**31 - 1))
+def test_one_query_attention_matches_float64_attention(heads, dims, n, window, dtype, scale, seed):
     """The compiled CPU decode step's attention (``one_query_attention``) against float64
     softmax attention: query head h reads key head h // (H / Hkv), masked positions (past each
-    row's own, at least position 0 attended) take no weight. Tolerance: float32 2e-6, bfloat16
+    row's own, at least position 0 attended) take no weight, the scale is the one given (SDPA's
+    1 / sqrt(D) for None). Tolerance: float32 2e-6, bfloat16
     1e-2 relative to the largest output (its result is rounded to bfloat16 once)."""
     from graphdelta.runtime.forward import one_query_attention
 
@@ -225,11 +244,10 @@ def test_one_query_attention_matches_float64_attention(heads, dims, n, window, d
     values = torch.randn(n, Hkv, window, Dv, generator=g).to(dtype)
     last = torch.randint(0, window, (n,), generator=g)  # each row's position
     mask = torch.arange(window)[None, None, :] <= last[:, None, None]
-    scale = D ** -0.5
     group = H // Hkv
     k64 = keys.double().repeat_interleave(group, dim=1)  # [n, H, W, D]
     v64 = values.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,nhwd->nhw", q.double()[:, 0], k64) * scale
+    scores = torch.einsum("nhd,nhwd->nhw", q.double()[:, 0], k64) * (D ** -0.5 if scale is None else scale)
     scores = scores.masked_fill(~mask, float("-inf"))
     want = torch.einsum("nhw,nhwd->nhd", scores.softmax(-1), v64)[:, None]
     got = one_query_attention(q, keys, values, mask, scale)

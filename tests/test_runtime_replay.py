@@ -260,8 +260,9 @@ def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
 def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held():
     """A compiled CPU step fills inputs it keeps per bucket in place (``runner._HostInputs``).
     A batch that shrinks within its bucket pads the row it freed again (slot -1: the slot that
-    left is not stepped), and a step that finds them held by another step builds its own
-    without touching them. Logits and every cache part stay the eager runner's."""
+    left is not stepped), a step that finds them held by another step builds its own without
+    touching them, and a step that raises lets them go. Logits and every cache part stay the
+    eager runner's."""
     from graphdelta.runtime import Runner
     from models import build, tokens
 
@@ -293,6 +294,25 @@ def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held():
             assert all(torch.equal(a, b) for a, b in zip(before, (kept.tokens, kept.slots, kept.starts)))
         finally:
             kept._lock.release()
+        both([0, 1, 2])
+
+        def fails(*args, **kwargs):  # a step that raises inside: its slots fail, the inputs are free
+            raise RuntimeError("injected")
+
+        run = ours._run
+        ours._run = fails
+        with pytest.raises(RuntimeError, match="injected"):
+            ours.decode([0, 1, 3], [nexts[ours, s] for s in (0, 1, 3)])  # bucket 4
+        ours._run = run
+        assert kept._lock.acquire(blocking=False)
+        kept._lock.release()
+        for runner in (eager, ours):  # the failed slots start over, in both runners alike
+            for slot in (0, 1, 3):
+                runner.free(slot)
+            slots = [runner.allocate() for _ in range(3)]
+            logits = runner.prefill(slots, [tokens(6 + i, seed=10 + i)[0] for i in range(3)])
+            nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
+        both([0, 1, 2, 3])
         both([0, 1, 2])
         assert eager.cache.lengths == ours.cache.lengths
         for a, b in zip(eager.cache.buffers(), ours.cache.buffers()):

@@ -6,7 +6,7 @@ and ``causal_conv1d_update`` (steps) on the conv-state pools, the gated delta ru
 through ``chunk_gated_delta_rule`` (prefill: packed varlen, starting from the slot's state) and
 ``gated_delta_rule_decode`` (steps: in place on the state pool, by slot index), and attention
 through ``F.scaled_dot_product_attention`` over the fixed K/V buffers with explicit positions
-and masks.
+and masks (a compiled CPU decode step writes it as reductions instead: ``one_query_attention``).
 
 Two shapes of batch (``Batch``):
 - prefill: the new tokens of N sequences packed in one row ``[1, total]`` (``cu_seqlens``);
@@ -159,20 +159,23 @@ class Attention(nn.Module):
 def one_query_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float | None) -> Tensor:
     """Attention of one new token per row, written as reductions for a compiled CPU decode step.
     q ``[N, 1, H, D]``, keys ``[N, Hkv, W, D]``, values ``[N, Hkv, W, Dv]``, mask ``[N, 1, W]``
-    (True: attend; position 0 always is) -> ``[N, 1, H, Dv]`` in q's dtype, computed in float32.
+    (True: attend; position 0 always is) -> ``[N, 1, H, Dv]`` in q's dtype, computed in float32
+    (float64 for a float64 model).
     Query head h reads key head ``h // (H / Hkv)``, without repeating the keys.
 
     inductor cannot fuse ``F.scaled_dot_product_attention``: it stays an ATen call that splits
     the step's generated C++ in two and, at one query, costs more than its arithmetic. As
-    reductions it joins the step's fused kernels (the shipped model's replayed decode step, in
-    one process: 0.476 -> 0.412 ms, BENCHMARKS.md). Eager and GPU steps keep SDPA."""
+    reductions it joins the step's fused kernels (the shipped model's replayed decode step,
+    ``benchmarks/step_attention.py``: 1.13-1.17x, BENCHMARKS.md). Eager steps, steps of several
+    tokens per row and GPU steps keep SDPA."""
     N, _, H, D = q.shape
     Hkv, W = keys.shape[1], keys.shape[2]
-    qg = q.float().reshape(N, Hkv, H // Hkv, 1, D)
-    scores = (qg * keys.float()[:, :, None]).sum(-1) * (D ** -0.5 if scale is None else scale)  # [N, Hkv, H / Hkv, W]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(dtype).reshape(N, Hkv, H // Hkv, 1, D)
+    scores = (qg * keys.to(dtype)[:, :, None]).sum(-1) * (D ** -0.5 if scale is None else scale)  # [N, Hkv, H / Hkv, W]
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    o = (p[..., None] * values.float()[:, :, None]).sum(-2)  # [N, Hkv, H / Hkv, Dv]
+    o = (p[..., None] * values.to(dtype)[:, :, None]).sum(-2)  # [N, Hkv, H / Hkv, Dv]
     return o.reshape(N, 1, H, -1).to(q.dtype)
 
 

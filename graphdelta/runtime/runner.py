@@ -154,17 +154,26 @@ class _Graph:
 class _HostInputs:
     """A compiled CPU step's tokens ``[bucket, T]``, slots and positions ``[bucket]``, kept from
     step to step and filled in place through numpy views: the CPU counterpart of ``_Graph``'s
-    static inputs. Building three tensors per step instead made the shipped model's
-    ``Runner.decode`` 1.06-1.09x slower (36-64 us of ~0.65 ms; one process, interleaved). A
-    step holds them from its fill to its end (``hold``, ``release``); a step that finds them
-    held (another thread's step on the same runner) builds its own."""
+    static inputs. Building three tensors per step instead cost 36-64 us of the shipped model's
+    ~0.65 ms ``Runner.decode`` in a one-off interleaved timing (1.01-1.18x in
+    ``benchmarks/token_overhead.py``'s "inputs built per step" row; BENCHMARKS.md). A step holds
+    them from its fill to its end (``hold``, ``release``); a step that finds them held (another
+    thread's step on the same runner) builds its own. ``make`` returns None where torch has no
+    working numpy: steps then build their inputs."""
 
     def __init__(self, bucket: int, width: int):
-        self.tokens = torch.zeros(bucket, width, dtype=torch.long)
-        self.slots = torch.full((bucket,), -1, dtype=torch.long)
-        self.starts = torch.zeros(bucket, dtype=torch.long)
+        self.tokens = torch.zeros(bucket, width, dtype=torch.long, device="cpu")
+        self.slots = torch.full((bucket,), -1, dtype=torch.long, device="cpu")
+        self.starts = torch.zeros(bucket, dtype=torch.long, device="cpu")
         self._views = self.tokens.numpy(), self.slots.numpy(), self.starts.numpy()
         self._lock = threading.Lock()
+
+    @classmethod
+    def make(cls, bucket: int, width: int) -> "_HostInputs | None":
+        try:
+            return cls(bucket, width)
+        except (RuntimeError, ImportError):  # "Numpy is not available"
+            return None
 
     def hold(self, slots: list[int], starts: list[int], tokens: Tensor) -> bool:
         """Fill them for a step of ``B = len(slots)`` real rows (padded rows after: slot -1,
@@ -248,7 +257,7 @@ class Runner:
         else:
             self._forward = torch.compile(self.forward, dynamic=False, options=options)
         self._replays: dict[tuple[int, int, bool, int], Replay] = {}
-        self._host_inputs: dict[tuple[int, int], _HostInputs] = {}  # compiled CPU steps' inputs
+        self._host_inputs: dict[tuple[int, int], _HostInputs | None] = {}  # compiled CPU steps' inputs
         self._resets = resets()  # Dynamo cache resets seen (_forget_if_reset)
         from graphdelta.compiler import RECOMPILE_LIMIT  # (the compiler imports the runtime)
 
@@ -381,13 +390,15 @@ class Runner:
         window = self._window(max(starts) + T)
         key = (size, T, keep, window)
         if self.compile_steps and self.device.type == "cpu" and tokens.device.type == "cpu":
-            host = self._host_inputs.get((size, T))
-            if host is None:
-                host = self._host_inputs[size, T] = _HostInputs(size, T)
-            if host.hold(slots, starts, tokens):
-                try:
+            if (size, T) not in self._host_inputs:
+                self._host_inputs[size, T] = _HostInputs.make(size, T)
+            host, held = self._host_inputs[size, T], False
+            try:
+                held = host is not None and host.hold(slots, starts, tokens)
+                if held:
                     return self._static_step(slots, key, host.tokens, host.slots, host.starts, B)
-                finally:
+            finally:
+                if held:
                     host.release()
         pad = size - B
         # Padded rows: slot -1, position 0, token 0. Host-side tokens travel with the slots.
