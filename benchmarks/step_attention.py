@@ -10,8 +10,9 @@ while that runner compiles) and "reductions" (the runtime as it is), and checks 
 logits agree (within ``AGREE``; else it stops before timing). Each pair compiles both after a
 Dynamo reset (which one first alternates between pairs) and times them in turns (a b b a ...),
 each through its replay (``Replay``: inductor's function called directly, the step alone
-without the runner's checks) over ``--rounds`` rounds of ``--steps`` steps. The table gives, per window, each variant's median round over all pairs,
-the speedup (the median over the pairs of the ratio of their medians) and each pair's ratio.
+without the runner's checks) over ``--rounds`` rounds of ``--steps`` steps. The table gives,
+per window, each variant's median round over all pairs, the speedup (the median over the pairs
+of the ratio of their medians) and each pair's ratio.
 Writes step_attention_<config>.{json,md,png} to the results folder (``common.results_dir()``).
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, nargs="+", default=[64, 512])
     add_step_arguments(parser, pairs=2)
+
     def check(args) -> None:
         if any(w < 2 for w in args.windows):
             parser.error(f"--windows {args.windows}: each must be at least 2")

@@ -34,6 +34,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 4])
     add_step_arguments(parser, pairs=3)
+
     def check(args) -> None:
         if any(b < 1 for b in args.batches):
             parser.error(f"--batches {args.batches}: each must be at least 1")

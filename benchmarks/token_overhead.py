@@ -1,6 +1,6 @@
 """Where a decoded token's time goes, end to end, CPU: ``graphdelta.generate`` per step after
-the first token, ``Runner.decode`` per step (greedy argmax, no streaming), the same with the step's inputs built
-per step (as before the runner kept them in place), and the compiled step alone
+the first token, ``Runner.decode`` per step (greedy argmax, no streaming), the same with the
+step's inputs built per step (as before the runner kept them in place), the compiled step alone
 (``Runner._run``: no validation, no cache bookkeeping), and that step called through Dynamo
 instead of replayed (graphdelta/runtime/replay.py). The differences are the per-token overhead
 of generate, of the runner around the step, and of Dynamo.
