@@ -77,6 +77,97 @@ def parse_step_arguments(parser, argv=None, check: Callable = lambda args: None)
     return args, graphdelta.assets.load_default_model()[0]
 
 
+def parse_window_step_arguments(doc: str, argv=None):
+    """The options of a ``compare_step_variants`` benchmark (``--windows`` and
+    ``add_step_arguments``'), checked: returns (args, model) as ``parse_step_arguments``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, nargs="+", default=[64, 512])
+    add_step_arguments(parser, pairs=2)
+
+    def check(args) -> None:
+        if any(w < 2 for w in args.windows):
+            parser.error(f"--windows {args.windows}: each must be at least 2")
+
+    return parse_step_arguments(parser, argv, check)
+
+
+def compare_step_variants(args, model, windows: list[int], variants: dict[str, Callable], script: str,
+                          title: str, agree: float = 1e-4, argv=None) -> str:
+    """Compile the batch-1 decode step of each attention window two ways and time them in turns.
+
+    ``variants`` maps each variant's name to a function returning the context its runner is made
+    and compiled under (two entries; the runtime as it is should be the second). Each of
+    ``args.pairs`` pairs compiles both after a Dynamo reset (which one first alternates between
+    pairs), with inductor's caches off, checks that their logits agree within ``agree`` (else it
+    stops before timing), then times each step's replay (``Replay``: inductor's function called
+    directly, without the runner's checks) in turns (a b b a ...) over ``args.rounds`` rounds of
+    ``args.steps`` steps. A row per window: each variant's median round over all pairs (ms per
+    step), the speedup of the second over the first (the median over the pairs of the ratio of
+    their medians) and each pair's ratio. Writes ``<name>.{json,md,png}``; returns the Markdown.
+    """
+    import sys
+
+    from graphdelta.runtime.runner import Runner
+
+    a, b = variants
+    steps = args.steps
+
+    def time_pair(window: int, order: tuple[str, str]) -> tuple[dict[str, list[float]], float]:
+        torch._dynamo.reset()
+        tokens, slots, starts = torch.full((1, 1), 4), torch.zeros(1, dtype=torch.long), torch.full((1,), window - 1)
+        replays, logits = {}, {}
+        for variant in order:
+            with variants[variant]():
+                runner = Runner(model, max_seqs=1, max_len=window, compile_steps=True)
+                runner.prepare(1, window, window)  # compiles the step of this window
+            if len(runner._replays) != 1:
+                raise RuntimeError(f"the {variant} step of window {window} is not replayed: nothing to time")
+            replays[variant] = next(iter(runner._replays.values()))
+            logits[variant] = replays[variant](tokens, slots, starts).clone()
+        diff = float((logits[a] - logits[b]).abs().max())
+        if not diff <= agree:
+            raise RuntimeError(f"window {window}: the two steps' logits differ by {diff:.3g} (> {agree}): not timed")
+        times: dict[str, list[float]] = {a: [], b: []}
+        for i in range(2 * args.rounds):
+            variant = order[(i + i // 2) % 2]
+            replay = replays[variant]
+            start = time.perf_counter()
+            for _ in range(steps):
+                replay(tokens, slots, starts)
+            times[variant].append((time.perf_counter() - start) / steps * 1e3)
+        return times, diff
+
+    rows = []
+    with (torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False),
+          torch._functorch.config.patch(enable_autograd_cache=False)):
+        for window in windows:
+            times: dict[str, list[float]] = {a: [], b: []}
+            ratios, diffs = [], []
+            for pair in range(args.pairs):
+                got, diff = time_pair(window, (a, b) if pair % 2 == 0 else (b, a))
+                for variant in times:
+                    times[variant] += got[variant]
+                ma, mb = statistics.median(got[a]), statistics.median(got[b])
+                ratios.append(ma / mb)
+                diffs.append(diff)
+                print(f"window {window} pair {pair}: {a} {ma:.3f} ms, {b} {mb:.3f} ms per step, "
+                      f"logits differ by {diff:.2e}", flush=True)
+            rows.append({"config": args.config, "window": window,
+                         f"{a}_ms": statistics.median(times[a]), f"{b}_ms": statistics.median(times[b]),
+                         "speedup": statistics.median(ratios),
+                         "pair_speedups": " ".join(f"{r:.2f}" for r in ratios),
+                         "max_logit_diff": max(diffs)})
+    for row in rows:
+        print(row, flush=True)
+    plot = paired_bars(rows, {f"{a}_ms": a, f"{b}_ms": f"{b} (runtime)"}, lambda r: f"window {r['window']}",
+                       f"{args.config}: {title}")
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    columns = ["config", "window", f"{a}_ms", f"{b}_ms", "speedup", "pair_speedups", "max_logit_diff"]
+    return write_results(f"{Path(script).stem}_{args.config}", rows, columns, command.strip(), plot)
+
+
 def paired_bars(rows: list[dict], bars: dict[str, str], label: Callable[[dict], str], title: str) -> Callable:
     """A ``write_results`` plot of two variants per row: ``bars`` maps each row key (ms per
     step) to its legend, ``label(row)`` names the row's group."""

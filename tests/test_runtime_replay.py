@@ -160,48 +160,52 @@ def test_a_step_that_grows_aux_or_calls_twice_never_replays():
         assert seen.replay([x], nn.Module(), [], result, [], Toy.forward) is None  # w is not kept
 
 
-def test_runners_sharing_a_compiled_step_replay_their_own_caches(monkeypatch):
+@pytest.fixture
+def one_thread():
+    """One torch thread while a runner test runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_runners_sharing_a_compiled_step_replay_their_own_caches(monkeypatch, one_thread):
     """Two runners of one model share Dynamo's compiled step; each replays it over its own
     cache pools, one step each in turn, and gives the eager runner's logits."""
     from graphdelta.runtime import Runner
     from models import build, tokens
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        qwen = build("qwen3_next")
-        eager = Runner(qwen, max_seqs=3, max_len=128)
-        # the shapes of test_runtime.py's guard test: its compiled code is in inductor's cache
-        ours = [Runner(qwen, max_seqs=3, max_len=128, compile_steps=True) for _ in range(2)]
-        prompts = [tokens(9, seed=1)[0], tokens(14, seed=2)[0]]
-        want, got = [[], []], [[], []]
-        lasts = [eager.prefill([eager.allocate()], [p]) for p in prompts]
-        for i in range(2):
-            for _ in range(4):
-                lasts[i] = eager.decode([i], lasts[i].argmax(-1).tolist())
-                want[i].append(lasts[i])
-        replayed = []
-        call = Replay.__call__
-        monkeypatch.setattr(Replay, "__call__", lambda self, *inputs: replayed.append(self) or call(self, *inputs))
-        lasts = [runner.prefill([runner.allocate()], [p]) for runner, p in zip(ours, prompts)]
-        for _ in range(4):  # in turn: each step reads its own runner's cache
-            for i, runner in enumerate(ours):
-                lasts[i] = runner.decode([0], lasts[i].argmax(-1).tolist())
-                got[i].append(lasts[i])
-        for i in range(2):
-            torch.testing.assert_close(torch.stack(got[i]), torch.stack(want[i]), atol=2e-5, rtol=0)
-        first, second = (next(iter(runner._replays.values())) for runner in ours)
-        assert first.fn is second.fn
-        assert replayed == [first, second] * 3  # each runner's first step compiled or captured
-        for replay, runner, other in ((first, *ours), (second, *ours[::-1])):  # its own pools only
-            held = {id(a) for a in replay.args}
-            assert held >= {id(t) for t in runner.cache.buffers()}
-            assert not held & {id(t) for t in other.cache.buffers()}
-    finally:
-        torch.set_num_threads(threads)
+    qwen = build("qwen3_next")
+    eager = Runner(qwen, max_seqs=3, max_len=128)
+    # the shapes of test_runtime.py's guard test: its compiled code is in inductor's cache
+    ours = [Runner(qwen, max_seqs=3, max_len=128, compile_steps=True) for _ in range(2)]
+    prompts = [tokens(9, seed=1)[0], tokens(14, seed=2)[0]]
+    want, got = [[], []], [[], []]
+    lasts = [eager.prefill([eager.allocate()], [p]) for p in prompts]
+    for i in range(2):
+        for _ in range(4):
+            lasts[i] = eager.decode([i], lasts[i].argmax(-1).tolist())
+            want[i].append(lasts[i])
+    replayed = []
+    call = Replay.__call__
+    monkeypatch.setattr(Replay, "__call__", lambda self, *inputs: replayed.append(self) or call(self, *inputs))
+    lasts = [runner.prefill([runner.allocate()], [p]) for runner, p in zip(ours, prompts)]
+    for _ in range(4):  # in turn: each step reads its own runner's cache
+        for i, runner in enumerate(ours):
+            lasts[i] = runner.decode([0], lasts[i].argmax(-1).tolist())
+            got[i].append(lasts[i])
+    for i in range(2):
+        torch.testing.assert_close(torch.stack(got[i]), torch.stack(want[i]), atol=2e-5, rtol=0)
+    first, second = (next(iter(runner._replays.values())) for runner in ours)
+    assert first.fn is second.fn
+    assert replayed == [first, second] * 3  # each runner's first step compiled or captured
+    for replay, runner, other in ((first, *ours), (second, *ours[::-1])):  # its own pools only
+        held = {id(a) for a in replay.args}
+        assert held >= {id(t) for t in runner.cache.buffers()}
+        assert not held & {id(t) for t in other.cache.buffers()}
 
 
-def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
+def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again(one_thread):
     """A replay holds the tensors its compiling call got. A weight set anew (``load_state_dict``
     with ``assign=True``, or a write to ``_parameters``) or a reset of Dynamo's caches makes each shape's next step run with
     its guards and be captured again: the logits stay the eager runner's, including where the
@@ -210,54 +214,90 @@ def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again():
     from graphdelta.runtime import Runner
     from models import build, tokens
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        qwen = build("qwen3_next")
-        eager = Runner(qwen, max_seqs=3, max_len=128)
-        ours = Runner(qwen, max_seqs=3, max_len=128, compile_steps=True)
-        slots = {}
+    qwen = build("qwen3_next")
+    eager = Runner(qwen, max_seqs=3, max_len=128)
+    ours = Runner(qwen, max_seqs=3, max_len=128, compile_steps=True)
+    slots = {}
 
-        def both(name, token):
-            got, want = (runner.decode([slots[name, runner]], [token]) for runner in (ours, eager))
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
-
-        for runner in (ours, eager):
-            slots["a", runner] = runner.allocate()
-            runner.prefill([slots["a", runner]], [tokens(5, seed=1)[0]])
-        both("a", 3)
-        both("a", 4)
-        first = ours._replays[(1, 1, False, 64)]
-
-        norm = qwen.model.norm.weight
-        qwen.load_state_dict({"model.norm.weight": norm.detach() + 0.5}, strict=False, assign=True)
-        assert qwen.model.norm.weight is not norm
-        both("a", 5)
-        second = ours._replays[(1, 1, False, 64)]
-        assert second is not first
-        both("a", 6)
-        drafts = torch.tensor([[6, 9]])
-        got, want = (runner.verify([slots["a", runner]], drafts) for runner in (ours, eager))
+    def both(name, token):
+        got, want = (runner.decode([slots[name, runner]], [token]) for runner in (ours, eager))
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
-        for runner in (ours, eager):
-            runner.accept([1])
 
-        # a direct write to the module's dictionary passes no hook: the tree check sees it
-        qwen.model.norm._parameters["weight"] = nn.Parameter(norm.detach() - 0.5)
-        torch._dynamo.reset()
-        for runner in (ours, eager):  # the first step after the reset: window 128, a new shape
-            slots["b", runner] = runner.allocate()
-            runner.prefill([slots["b", runner]], [tokens(70, seed=2)[0]])
-        both("b", 7)
-        both("a", 8)  # window 64 again
-        assert ours._replays[(1, 1, False, 64)] is not second
-        got, want = (runner.verify([slots["a", runner]], drafts) for runner in (ours, eager))
+    for runner in (ours, eager):
+        slots["a", runner] = runner.allocate()
+        runner.prefill([slots["a", runner]], [tokens(5, seed=1)[0]])
+    both("a", 3)
+    both("a", 4)
+    first = ours._replays[(1, 1, False, 64)]
+
+    norm = qwen.model.norm.weight
+    qwen.load_state_dict({"model.norm.weight": norm.detach() + 0.5}, strict=False, assign=True)
+    assert qwen.model.norm.weight is not norm
+    both("a", 5)
+    second = ours._replays[(1, 1, False, 64)]
+    assert second is not first
+    both("a", 6)
+    drafts = torch.tensor([[6, 9]])
+    got, want = (runner.verify([slots["a", runner]], drafts) for runner in (ours, eager))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    for runner in (ours, eager):
+        runner.accept([1])
+
+    # a direct write to the module's dictionary passes no hook: the tree check sees it
+    qwen.model.norm._parameters["weight"] = nn.Parameter(norm.detach() - 0.5)
+    torch._dynamo.reset()
+    for runner in (ours, eager):  # the first step after the reset: window 128, a new shape
+        slots["b", runner] = runner.allocate()
+        runner.prefill([slots["b", runner]], [tokens(70, seed=2)[0]])
+    both("b", 7)
+    both("a", 8)  # window 64 again
+    assert ours._replays[(1, 1, False, 64)] is not second
+    got, want = (runner.verify([slots["a", runner]], drafts) for runner in (ours, eager))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_a_weight_whose_layout_changed_in_place_compiles_the_step_again(one_thread):
+    """Compiled CPU steps run without inductor's size asserts and with Dynamo's guards skipped
+    (layouts.py): a weight whose strides change in place (its ``.data`` set to the same values
+    stored column-major, the same Parameter object) is caught by the runner's layout check, and
+    the next decode (replayed) and verify (through Dynamo) steps compile again and keep the
+    eager runner's logits. Without the check both read the weight's memory as compiled."""
+    from graphdelta.runtime import Runner
+    from models import build, tokens
+
+    qwen = build("qwen3_next")
+    eager = Runner(qwen, max_seqs=2, max_len=128)
+    ours = Runner(qwen, max_seqs=2, max_len=128, compile_steps=True)
+    slot = {runner: runner.allocate() for runner in (ours, eager)}
+    for runner in (ours, eager):
+        runner.prefill([slot[runner]], [tokens(5, seed=3)[0]])
+
+    def both(step, *args):
+        got, want = (getattr(runner, step)([slot[runner]], *args) for runner in (ours, eager))
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
-    finally:
-        torch.set_num_threads(threads)
+
+    both("decode", [3])
+    both("decode", [4])
+    drafts = torch.tensor([[4, 7]])
+    both("verify", drafts)
+    for runner in (ours, eager):
+        runner.accept([1])
+    first = ours._replays[(1, 1, False, 64)]
+    assert ours._layouts.same()
+
+    weight = qwen.model.layers[0].linear_attn.out_proj.weight
+    with torch.no_grad():
+        weight.data = weight.data.t().contiguous().t()  # same values, column-major
+    assert weight.stride() == (1, weight.shape[0])
+    assert not ours._layouts.same()
+    both("decode", [5])
+    both("decode", [6])
+    assert ours._replays[(1, 1, False, 64)] is not first
+    assert ours._layouts.same()
+    both("verify", drafts)
 
 
-def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held():
+def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held(one_thread):
     """A compiled CPU step fills inputs it keeps per bucket in place (``runner._HostInputs``).
     A batch that shrinks within its bucket pads the row it freed again (slot -1: the slot that
     left is not stepped), a step that finds them held by another step builds its own without
@@ -266,56 +306,51 @@ def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held():
     from graphdelta.runtime import Runner
     from models import build, tokens
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    qwen = build("qwen3_next")
+    eager, ours = (Runner(qwen, max_seqs=4, max_len=128, compile_steps=c) for c in (False, True))
+    nexts = {}  # (runner, slot) -> the slot's next token
+    for runner in (eager, ours):
+        slots = [runner.allocate() for _ in range(4)]
+        logits = runner.prefill(slots, [tokens(5 + 3 * i, seed=i)[0] for i in range(4)])
+        nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
+
+    def both(slots):
+        got, want = (runner.decode(slots, [nexts[runner, s] for s in slots]) for runner in (ours, eager))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        for runner, logits in ((ours, got), (eager, want)):
+            nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
+
+    both([0, 1, 2, 3])
+    both([0, 1, 2])  # bucket 4 still: row 3 pads
+    kept = ours._host_inputs[4, 1]
+    assert kept.slots.tolist() == [0, 1, 2, -1] and kept.starts.tolist()[3] == 0
+    assert kept._lock.acquire(blocking=False)  # as another step would hold them
     try:
-        qwen = build("qwen3_next")
-        eager, ours = (Runner(qwen, max_seqs=4, max_len=128, compile_steps=c) for c in (False, True))
-        nexts = {}  # (runner, slot) -> the slot's next token
-        for runner in (eager, ours):
-            slots = [runner.allocate() for _ in range(4)]
-            logits = runner.prefill(slots, [tokens(5 + 3 * i, seed=i)[0] for i in range(4)])
-            nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
-
-        def both(slots):
-            got, want = (runner.decode(slots, [nexts[runner, s] for s in slots]) for runner in (ours, eager))
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
-            for runner, logits in ((ours, got), (eager, want)):
-                nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
-
-        both([0, 1, 2, 3])
-        both([0, 1, 2])  # bucket 4 still: row 3 pads
-        kept = ours._host_inputs[4, 1]
-        assert kept.slots.tolist() == [0, 1, 2, -1] and kept.starts.tolist()[3] == 0
-        assert kept._lock.acquire(blocking=False)  # as another step would hold them
-        try:
-            before = [t.clone() for t in (kept.tokens, kept.slots, kept.starts)]
-            both([2, 0, 1])  # bucket 4, other order
-            assert all(torch.equal(a, b) for a, b in zip(before, (kept.tokens, kept.slots, kept.starts)))
-        finally:
-            kept._lock.release()
-        both([0, 1, 2])
-
-        def fails(*args, **kwargs):  # a step that raises inside: its slots fail, the inputs are free
-            raise RuntimeError("injected")
-
-        run = ours._run
-        ours._run = fails
-        with pytest.raises(RuntimeError, match="injected"):
-            ours.decode([0, 1, 3], [nexts[ours, s] for s in (0, 1, 3)])  # bucket 4
-        ours._run = run
-        assert kept._lock.acquire(blocking=False)
-        kept._lock.release()
-        for runner in (eager, ours):  # the failed slots start over, in both runners alike
-            for slot in (0, 1, 3):
-                runner.free(slot)
-            slots = [runner.allocate() for _ in range(3)]
-            logits = runner.prefill(slots, [tokens(6 + i, seed=10 + i)[0] for i in range(3)])
-            nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
-        both([0, 1, 2, 3])
-        both([0, 1, 2])
-        assert eager.cache.lengths == ours.cache.lengths
-        for a, b in zip(eager.cache.buffers(), ours.cache.buffers()):
-            torch.testing.assert_close(b[:4], a[:4], atol=2e-5, rtol=0)
+        before = [t.clone() for t in (kept.tokens, kept.slots, kept.starts)]
+        both([2, 0, 1])  # bucket 4, other order
+        assert all(torch.equal(a, b) for a, b in zip(before, (kept.tokens, kept.slots, kept.starts)))
     finally:
-        torch.set_num_threads(threads)
+        kept._lock.release()
+    both([0, 1, 2])
+
+    def fails(*args, **kwargs):  # a step that raises inside: its slots fail, the inputs are free
+        raise RuntimeError("injected")
+
+    run = ours._run
+    ours._run = fails
+    with pytest.raises(RuntimeError, match="injected"):
+        ours.decode([0, 1, 3], [nexts[ours, s] for s in (0, 1, 3)])  # bucket 4
+    ours._run = run
+    assert kept._lock.acquire(blocking=False)
+    kept._lock.release()
+    for runner in (eager, ours):  # the failed slots start over, in both runners alike
+        for slot in (0, 1, 3):
+            runner.free(slot)
+        slots = [runner.allocate() for _ in range(3)]
+        logits = runner.prefill(slots, [tokens(6 + i, seed=10 + i)[0] for i in range(3)])
+        nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
+    both([0, 1, 2, 3])
+    both([0, 1, 2])
+    assert eager.cache.lengths == ours.cache.lengths
+    for a, b in zip(eager.cache.buffers(), ours.cache.buffers()):
+        torch.testing.assert_close(b[:4], a[:4], atol=2e-5, rtol=0)

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from graphdelta.runtime.layouts import layout
+
 _STATE = threading.local()  # the Capture of this thread's step call, if any
 _RESETS = [0]  # Dynamo's cache resets seen by recording_inductor backends
 
@@ -188,7 +190,7 @@ class Replay:
         self.args = list(args)
         self.places = places
         # inductor's code reads its inputs' memory as compiled: same dtype, device, shape, strides
-        self.layouts = [None if at is None else _layout(args[at]) for at in places]
+        self.layouts = [None if at is None else layout(args[at]) for at in places]
 
     def fresh(self) -> bool:
         """Whether every parameter, buffer and submodule entry of the module tree is still the
@@ -199,7 +201,7 @@ class Replay:
 
     def fits(self, *inputs: Tensor) -> bool:
         """Whether ``inputs`` lie in memory as the compiling call's did."""
-        return all(want is None or _layout(x) == want for x, want in zip(inputs, self.layouts))
+        return all(want is None or layout(x) == want for x, want in zip(inputs, self.layouts))
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         """The step's result for ``inputs`` (check ``fits`` first)."""
@@ -209,10 +211,6 @@ class Replay:
                 args[at] = x
         out = self.fn(*args)
         return out[self.which]
-
-
-def _layout(x: Tensor) -> tuple:
-    return x.dtype, x.device, x.shape, x.stride()
 
 
 def _tree(root: nn.Module) -> list[tuple[dict, str, Any]]:

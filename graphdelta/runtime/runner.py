@@ -49,6 +49,7 @@ from graphdelta import checks, progress
 from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, PendingVerify
 from graphdelta.runtime.forward import Batch, HybridForward, Writes, experts_implementation, static_experts
 from graphdelta.runtime.layers import ModelSpec
+from graphdelta.runtime.layouts import Layouts
 from graphdelta.runtime.replay import Replay, capture, recording_inductor, resets
 
 WINDOW_BLOCK = 64  # attention windows: multiples of this (eager), or it times powers of 2 (static)
@@ -264,6 +265,7 @@ class Runner:
         self._recompile_limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # reusable
         self._compiling = False  # inside the first call of a static step shape (_first_of)
         self._entries: int | None = None  # the step frame's compiled entries after this runner's last compile
+        self._layouts: Layouts | None = None  # what compiled CPU steps read, as of this runner's last compile
         self.skip_guards = skip_guards and hasattr(torch.compiler, "set_stance")
 
     # ------------------------------------------------------------------ sequences
@@ -441,7 +443,7 @@ class Runner:
                 yield
             finally:
                 self._compiling = False
-                self._entries = _compiled_entries()  # what may be chosen among with guards skipped
+                self._compiled()
 
     @torch.no_grad()  # as the steps run: Dynamo guards on grad mode, and would compile again
     def prepare(self, batch: int, shortest: int, longest: int) -> None:
@@ -512,7 +514,7 @@ class Runner:
               capture() as seen):
             logits = self._forward(tokens, batch, aux)
         if recapture:  # (as after a first call: _first_of)
-            self._entries = _compiled_entries()
+            self._compiled()
         if compiling and self.device.type == "cpu" and self.skip_guards and not keep and not torch.is_grad_enabled():
             replay = seen.replay([tokens, slots, starts], self.forward, self.cache.buffers(), logits, aux,
                                  HybridForward.forward)
@@ -574,6 +576,16 @@ class Runner:
         self._static_keys.clear()
         self._replays.clear()
         self._entries = None
+        self._layouts = None
+
+    def _compiled(self) -> None:
+        """After a call that evaluated its guards (and may have compiled): what later steps may
+        choose among with their guards skipped (Dynamo's entries for the step frame), and on CPU
+        the layouts of every tensor they may read (``layouts.py``: their steps are compiled
+        without inductor's size asserts)."""
+        self._entries = _compiled_entries()
+        if self.device.type == "cpu" and self.compile_steps:
+            self._layouts = Layouts([*self.forward.parameters(), *self.forward.buffers(), *self.cache.buffers()])
 
     def _may_skip_guards(self) -> bool:
         """Whether this step may run with the guards skipped: only under Dynamo's default
@@ -594,6 +606,11 @@ class Runner:
             if entries is not None and self._entries is not None and entries < self._entries:
                 self._forget_compiled()
             return False
+        if self._layouts is not None and not self._layouts.same():
+            # a weight or pool of another dtype, shape or strides (set in place): its compiled
+            # code would read it as it was, with no assert to stop it; every shape compiles again
+            self._forget_compiled()
+            return False
         return True
 
 
@@ -610,7 +627,10 @@ def _cpu_step_options() -> dict[str, Any]:
     imported), so that inductor's caches keep graphs compiled with and without them apart: the
     row limit a step compiles under follows from its graph (its rows, its experts' top-k) and
     ``_LIFTED_ROWS``. A user's own ``post_grad_fusion_options`` are kept."""
-    options: dict[str, Any] = {"cpp_wrapper": True}
+    # Without inductor's asserts of every input's size and strides on each call (the tiny
+    # model's step: 85 asserts, about 0.1 ms of 0.66 ms): Runner._may_skip_guards checks the
+    # layouts of everything a step reads in one call instead (layouts.py).
+    options: dict[str, Any] = {"cpp_wrapper": True, "size_asserts": False}
     if _decompose_module() is not None:
         options["post_grad_fusion_options"] = {
             **torch._inductor.config.post_grad_fusion_options,
