@@ -256,6 +256,28 @@ def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again(one_thread):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_layouts_see_a_tensor_changed_in_place(monkeypatch, fallback):
+    """``Layouts`` (what compiled CPU steps read, checked in place of inductor's size asserts)
+    tells a parameter whose ``.data`` changed shape, strides or dtype, through Dynamo's
+    ``TensorGuards`` and through its Python fallback alike; new values of the same layout pass."""
+    from graphdelta.runtime.layouts import Layouts
+
+    if fallback:
+        monkeypatch.setattr(torch._C._dynamo.guards, "TensorGuards", None)
+    w, pool = nn.Parameter(torch.randn(4, 6)), torch.zeros(3, 5)
+    layouts = Layouts([w, pool])
+    assert (layouts._check.__name__ == "python_check") == fallback
+    assert layouts.same()
+    original = w.data
+    for changed in (torch.randn(6, 4), torch.randn(6, 4).t(), original.double(), torch.randn(4, 6)[:, :5]):
+        w.data = changed
+        assert not layouts.same(), (changed.shape, changed.stride(), changed.dtype)
+    w.data = torch.randn(4, 6)  # other values, same layout
+    pool.add_(1)
+    assert layouts.same()
+
+
 def test_a_weight_whose_layout_changed_in_place_compiles_the_step_again(one_thread):
     """Compiled CPU steps run without inductor's size asserts and with Dynamo's guards skipped
     (layouts.py): a weight whose strides change in place (its ``.data`` set to the same values
