@@ -126,6 +126,8 @@ def compare_step_variants(args, model, windows: list[int], variants: dict[str, C
                 raise RuntimeError(f"the {variant} step of window {window} is not replayed: nothing to time")
             replays[variant] = next(iter(runner._replays.values()))
             logits[variant] = replays[variant](tokens, slots, starts).clone()
+        if replays[a].fn is replays[b].fn:
+            raise RuntimeError(f"the two variants share one compiled step (window {window}): nothing to compare")
         diff = float((logits[a] - logits[b]).abs().max())
         if not diff <= agree:
             raise RuntimeError(f"window {window}: the two steps' logits differ by {diff:.3g} (> {agree}): not timed")

@@ -9,7 +9,7 @@ checks the layouts of everything its steps read in one call instead
 window both ways, "asserts" (``size_asserts`` on while that runner compiles) and "no_asserts"
 (the runtime as it is), checks that their logits agree, and times their replays in turns
 (``common.compare_step_variants``: the method, the table's columns). A replay is inductor's
-function alone: the runner's layout check (about 8 us for the tiny model) is not in either
+function alone: the runner's layout check (about 11 us for the tiny model) is not in either
 figure.
 Writes step_asserts_<config>.{json,md,png} to the results folder (``common.results_dir()``).
 """

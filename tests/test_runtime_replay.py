@@ -257,33 +257,51 @@ def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again(one_thread):
 
 
 @pytest.mark.parametrize("fallback", [False, True])
-def test_layouts_see_a_tensor_changed_in_place(monkeypatch, fallback):
+def test_layouts_see_a_tensor_changed_in_place_or_set_anew(monkeypatch, fallback):
     """``Layouts`` (what compiled CPU steps read, checked in place of inductor's size asserts)
-    tells a parameter whose ``.data`` changed shape, strides or dtype, through Dynamo's
-    ``TensorGuards`` and through its Python fallback alike; new values of the same layout pass."""
+    tells a parameter whose ``.data`` changed shape, strides or dtype, one set anew with another
+    layout, one removed, and tied weights untied, through Dynamo's ``TensorGuards`` and its
+    Python fallback alike; new values, or a new parameter, of the same layout pass."""
     from graphdelta.runtime.layouts import Layouts
 
     if fallback:
         monkeypatch.setattr(torch._C._dynamo.guards, "TensorGuards", None)
-    w, pool = nn.Parameter(torch.randn(4, 6)), torch.zeros(3, 5)
-    layouts = Layouts([w, pool])
+    toy, pool = nn.Linear(6, 4), torch.zeros(3, 5)
+    layouts = Layouts([(toy._parameters, "weight"), (toy._parameters, "bias")], [pool])
     assert (layouts._check.__name__ == "python_check") == fallback
     assert layouts.same()
-    original = w.data
-    for changed in (torch.randn(6, 4), torch.randn(6, 4).t(), original.double(), torch.randn(4, 6)[:, :5]):
+    w = toy.weight
+    for changed in (torch.randn(6, 4), torch.randn(6, 4).t(), torch.randn(4, 6).double(), torch.randn(4, 7)[:, :6]):
         w.data = changed
         assert not layouts.same(), (changed.shape, changed.stride(), changed.dtype)
     w.data = torch.randn(4, 6)  # other values, same layout
     pool.add_(1)
     assert layouts.same()
+    toy.weight = nn.Parameter(torch.randn(6, 4).t())  # set anew: looked up where it is
+    assert not layouts.same()
+    toy.weight = nn.Parameter(torch.randn(4, 6))
+    assert layouts.same()
+    toy.bias = None
+    assert not layouts.same()
+
+    other = nn.Linear(6, 4)
+    other.weight = toy.weight  # tied: one tensor at two places, checked once
+    tied = Layouts([(toy._parameters, "weight"), (other._parameters, "weight")])
+    assert (tied._check.__name__ == "python_check") == fallback
+    assert tied.same()
+    other.weight = nn.Parameter(toy.weight.detach().clone())  # untied: the places part
+    assert not tied.same()
 
 
 def test_a_weight_whose_layout_changed_in_place_compiles_the_step_again(one_thread):
     """Compiled CPU steps run without inductor's size asserts and with Dynamo's guards skipped
-    (layouts.py): a weight whose strides change in place (its ``.data`` set to the same values
-    stored column-major, the same Parameter object) is caught by the runner's layout check, and
-    the next decode (replayed) and verify (through Dynamo) steps compile again and keep the
-    eager runner's logits. Without the check both read the weight's memory as compiled."""
+    (layouts.py). A weight whose strides change in place (its ``.data`` set to the same values
+    stored column-major, the same Parameter object) is caught by the runner's layout check:
+    - before a verify step through Dynamo, the first step after the change;
+    - before a new step shape compiles (``prepare``), which must not record the new layout as
+      the one the older shapes were compiled for.
+    Every step keeps the eager runner's logits. Without either check the step reads the
+    weight's memory as compiled."""
     from graphdelta.runtime import Runner
     from models import build, tokens
 
@@ -297,25 +315,34 @@ def test_a_weight_whose_layout_changed_in_place_compiles_the_step_again(one_thre
     def both(step, *args):
         got, want = (getattr(runner, step)([slot[runner]], *args) for runner in (ours, eager))
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        if step == "verify":
+            for runner in (ours, eager):
+                runner.accept([1])
 
-    both("decode", [3])
-    both("decode", [4])
+    def relaid(weight):  # same values, column-major
+        with torch.no_grad():
+            weight.data = weight.data.t().contiguous().t()
+        assert weight.stride() == (1, weight.shape[0])
+
     drafts = torch.tensor([[4, 7]])
+    both("decode", [3])
     both("verify", drafts)
-    for runner in (ours, eager):
-        runner.accept([1])
+    both("decode", [4])
     first = ours._replays[(1, 1, False, 64)]
     assert ours._layouts.same()
 
-    weight = qwen.model.layers[0].linear_attn.out_proj.weight
-    with torch.no_grad():
-        weight.data = weight.data.t().contiguous().t()  # same values, column-major
-    assert weight.stride() == (1, weight.shape[0])
+    relaid(qwen.model.layers[0].linear_attn.out_proj.weight)
     assert not ours._layouts.same()
+    both("verify", drafts)  # through Dynamo, guards skipped until the check
     both("decode", [5])
-    both("decode", [6])
     assert ours._replays[(1, 1, False, 64)] is not first
     assert ours._layouts.same()
+
+    second = ours._replays[(1, 1, False, 64)]
+    relaid(qwen.model.layers[1].self_attn.o_proj.weight)
+    ours.prepare(1, 100, 128)  # compiles the window-128 step first
+    both("decode", [6])  # window 64: compiled before the change
+    assert ours._replays[(1, 1, False, 64)] is not second
     both("verify", drafts)
 
 

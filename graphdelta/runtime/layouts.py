@@ -4,10 +4,10 @@ inductor's generated code reads each input's memory with the dtype, device, size
 it was compiled for. Two things usually make sure they still hold: Dynamo's guards before the
 call, and inductor's ``assert_size_stride`` on every input inside it. The runner skips the
 first for compiled shapes (``Runner._dynamo_context``), and compiles its CPU steps without the
-second (``_cpu_step_options``): the tiny model's step reads 77 tensors, and their asserts were
+second (``_cpu_step_options``): the tiny model's step reads 77 tensors (its 75 plus tokens, slots and positions), and their asserts were
 about 0.1 ms of a 0.66 ms step (BENCHMARKS.md, session of 2026-12-03, twelfth). In their
 place, ``Layouts`` checks every tensor a runner's steps may read (its modules' parameters and
-buffers, its cache pools) in one C++ call, about 8 us for 80 tensors; a weight whose layout
+buffers, its cache pools) in one C++ call (11 us for the tiny model's 75, looked up where they are); a weight whose layout
 changed in place (``param.data = ...``) then sends the step back through its guards, which
 compile it anew, instead of letting the compiled code read memory it was not compiled for.
 """
@@ -19,15 +19,37 @@ from torch import Tensor
 
 
 class Layouts:
-    """The layouts of ``tensors`` now; ``same()`` tells whether they still hold (the same
-    objects: a parameter's ``.data`` set anew changes its layout in place)."""
+    """The layouts of the tensors at ``places`` (a module dictionary and a name: what Dynamo
+    fetches for a step) and of the ``fixed`` tensors (the cache pools) now; ``same()`` tells
+    whether the tensors there now still have them. A parameter set anew is looked up where it
+    is, and so is one whose ``.data`` changed (the same object, another layout); one removed
+    fails the check. A tensor at two places (tied weights) is checked once, and the two places
+    must keep holding one object (``TensorGuards`` refuses a tensor passed twice)."""
 
-    def __init__(self, tensors: Iterable[Tensor]):
-        self.tensors = list(tensors)
-        self._check = _checker(self.tensors)
+    def __init__(self, places: Iterable[tuple[dict, str]], fixed: Iterable[Tensor] = ()):
+        self._dicts, self._names, self._aliases, first = [], [], [], {}
+        for entries, name in places:
+            value = entries.get(name)
+            if id(value) in first:  # another place of a tensor already checked
+                self._aliases.append((entries, name, first[id(value)]))
+                continue
+            first[id(value)] = len(self._dicts)
+            self._dicts.append(entries)
+            self._names.append(name)
+        self._fixed = list(fixed)
+        self._check = _checker(self._now())
+
+    def _now(self) -> list:
+        return [*map(dict.get, self._dicts, self._names), *self._fixed]
 
     def same(self) -> bool:
-        return self._check(*self.tensors)
+        now = self._now()
+        if any(entries.get(name) is not now[i] for entries, name, i in self._aliases):
+            return False
+        try:
+            return self._check(*now)
+        except (TypeError, AttributeError):  # an entry removed (None) or not a tensor any more
+            return False
 
 
 def _checker(tensors: list[Tensor]) -> Callable[..., bool]:

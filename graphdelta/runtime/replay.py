@@ -108,7 +108,7 @@ class Capture:
         which = [i for i, o in enumerate(out) if o is result]
         if len(which) != 1:
             return None
-        tree = _tree(root)
+        tree = module_tree(root)
         kept_ids = {id(v) for _, _, v in tree if isinstance(v, Tensor)} | {id(t) for t in pools}
         places = []  # where each step input goes in the argument list (None: not read)
         for x in inputs:
@@ -213,7 +213,7 @@ class Replay:
         return out[self.which]
 
 
-def _tree(root: nn.Module) -> list[tuple[dict, str, Any]]:
+def module_tree(root: nn.Module) -> list[tuple[dict, str, Any]]:
     """Every (dictionary, name, object) entry of ``root``'s module tree: each module's
     ``_modules``, ``_parameters`` and ``_buffers``, reached from every module that holds them."""
     return [(entries, name, value) for module in root.modules()

@@ -50,7 +50,7 @@ from graphdelta.runtime.cache import CacheConfig, HybridCache, LinearAux, Pendin
 from graphdelta.runtime.forward import Batch, HybridForward, Writes, experts_implementation, static_experts
 from graphdelta.runtime.layers import ModelSpec
 from graphdelta.runtime.layouts import Layouts
-from graphdelta.runtime.replay import Replay, capture, recording_inductor, resets
+from graphdelta.runtime.replay import Replay, capture, module_tree, recording_inductor, resets
 
 WINDOW_BLOCK = 64  # attention windows: multiples of this (eager), or it times powers of 2 (static)
 
@@ -436,6 +436,7 @@ class Runner:
         with progress, and with Dynamo's guards evaluated (``_run``)."""
         size, T, keep, window = key
         what = "capturing a CUDA graph of" if self.cuda_graphs else "compiling"
+        self._forget_if_relaid()  # before _compiled() records the layouts anew
         with progress.phase(f"{what} the {'verify' if keep else 'decode'} step "
                             f"(batch bucket {size}, {T} token(s), window {window})"):
             self._compiling = True
@@ -504,6 +505,7 @@ class Runner:
         if recapture:
             del self._replays[key]
             replay = None
+            self._forget_if_relaid()
         if (replay is not None and not torch.is_grad_enabled() and replay.fits(tokens, slots, starts)
                 and self._may_skip_guards()):
             return replay(tokens, slots, starts), aux
@@ -585,7 +587,18 @@ class Runner:
         without inductor's size asserts)."""
         self._entries = _compiled_entries()
         if self.device.type == "cpu" and self.compile_steps:
-            self._layouts = Layouts([*self.forward.parameters(), *self.forward.buffers(), *self.cache.buffers()])
+            places = [(entries, name) for entries, name, value in module_tree(self.forward) if isinstance(value, Tensor)]
+            self._layouts = Layouts(places, self.cache.buffers())
+
+    def _forget_if_relaid(self) -> bool:
+        """Forget every compiled shape (``_forget_compiled``) if a tensor the steps read changed
+        dtype, device, shape or strides since the last compile (``layouts.py``); True if so. Run
+        before a compile records the layouts anew: the shapes compiled earlier would read the
+        tensor as it was."""
+        if self._layouts is not None and not self._layouts.same():
+            self._forget_compiled()
+            return True
+        return False
 
     def _may_skip_guards(self) -> bool:
         """Whether this step may run with the guards skipped: only under Dynamo's default
@@ -606,12 +619,9 @@ class Runner:
             if entries is not None and self._entries is not None and entries < self._entries:
                 self._forget_compiled()
             return False
-        if self._layouts is not None and not self._layouts.same():
-            # a weight or pool of another dtype, shape or strides (set in place): its compiled
-            # code would read it as it was, with no assert to stop it; every shape compiles again
-            self._forget_compiled()
-            return False
-        return True
+        # a weight or pool of another dtype, shape or strides: its compiled code would read it
+        # as it was, with no assert to stop it; every shape compiles again
+        return not self._forget_if_relaid()
 
 
 def _cpu_step_options() -> dict[str, Any]:
