@@ -4,12 +4,14 @@ inductor's generated code reads each input's memory with the dtype, device, size
 it was compiled for. Two things usually make sure they still hold: Dynamo's guards before the
 call, and inductor's ``assert_size_stride`` on every input inside it. The runner skips the
 first for compiled shapes (``Runner._dynamo_context``), and compiles its CPU steps without the
-second (``_cpu_step_options``): the tiny model's step reads 77 tensors (its 75 plus tokens, slots and positions), and their asserts were
-about 0.1 ms of a 0.66 ms step (BENCHMARKS.md, session of 2026-12-03, twelfth). In their
-place, ``Layouts`` checks every tensor a runner's steps may read (its modules' parameters and
-buffers, its cache pools) in one C++ call (11 us for the tiny model's 75, looked up where they are); a weight whose layout
-changed in place (``param.data = ...``) then sends the step back through its guards, which
-compile it anew, instead of letting the compiled code read memory it was not compiled for.
+second (``_cpu_step_options``): the tiny model's step reads 77 tensors (75 kept ones plus
+tokens, slots and positions), and their asserts were about 0.1 ms of a 0.66 ms step
+(BENCHMARKS.md, session of 2026-12-03, twelfth). In their place, ``Layouts`` checks every
+tensor a runner's steps may read (its modules' parameters and buffers, looked up where Dynamo
+fetches them, and its cache pools) in one C++ call, 11 us for the tiny model's 75. A weight
+whose layout changed (``param.data = ...``, or a parameter set anew) then sends the steps back
+through their guards, which compile them anew, instead of letting compiled code read memory it
+was not compiled for.
 """
 from __future__ import annotations
 
