@@ -55,10 +55,7 @@ def add_step_arguments(parser, pairs: int) -> None:
 def parse_step_arguments(parser, argv=None, check: Callable = lambda args: None):
     """``add_step_arguments``' options, checked (with ``check(args)`` for the benchmark's own,
     before anything slow), with the torch threads set and ``args.steps`` filled in: returns
-    (args, model), the model of ``--config`` (``embedded``: the shipped trained Qwen3-Next;
-    ``mid``: a random-weight one of hidden 1024 and 8 layers)."""
-    import sys
-
+    (args, model), the model of ``--config`` (``config_model``)."""
     args = parser.parse_args(argv)
     for name in ("pairs", "rounds", "steps"):
         value = getattr(args, name)
@@ -67,14 +64,22 @@ def parse_step_arguments(parser, argv=None, check: Callable = lambda args: None)
     check(args)
     torch.set_num_threads(args.threads)
     args.steps = args.steps or (20 if args.config == "mid" else 200)
-    if args.config == "mid":
+    return args, config_model(args.config)
+
+
+def config_model(config: str):
+    """The model of a ``--config``: ``embedded``, the shipped trained Qwen3-Next; ``mid``, a
+    random-weight one of hidden 1024 and 8 layers."""
+    if config == "mid":
+        import sys
+
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         import models
 
-        return args, models.build("qwen3_next", hidden=1024, layers=8)
+        return models.build("qwen3_next", hidden=1024, layers=8)
     import graphdelta
 
-    return args, graphdelta.assets.load_default_model()[0]
+    return graphdelta.assets.load_default_model()[0]
 
 
 def parse_window_step_arguments(doc: str, argv=None):

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from common import write_results
+from common import config_model, write_results
 
 MATMULS = ("aten::mm", "aten::addmm")
 
@@ -73,15 +73,7 @@ def main(argv=None) -> None:
 
     import graphdelta
 
-    if args.config == "mid":
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import models
-
-        model = models.build("qwen3_next", hidden=1024, layers=8)
-    else:
-        model = graphdelta.assets.load_default_model()[0]
+    model = config_model(args.config)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, args.length), generator=torch.Generator().manual_seed(0))
     compiled = graphdelta.compile(model, warn=False)
