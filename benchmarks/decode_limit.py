@@ -1,0 +1,131 @@
+"""How fast a batch-1 CPU decode step could be: the bytes one step must read, at the rate this
+machine reads that many bytes, against ``graphdelta``'s compiled step.
+
+    python benchmarks/decode_limit.py [--config embedded|mid] [--window 128] [--rounds 7]
+
+A batch-1 step does about two flops per weight it reads, so it is bound by reading its weights,
+not by arithmetic. This counts the bytes one step reads (``step_bytes``): every weight once,
+the MoE experts' stacked weights for the ``num_experts_per_tok`` of ``num_experts`` a token
+picks, one row of an embedding not tied to the head, and one sequence's cache for the window
+(its key and value rows, and the convolution and recurrent states, read and written). The
+*read floor* sums a float32 buffer of the same size (``torch.sum``, the same threads): no step
+that reads those bytes from where this machine holds them can take less. It and the compiled
+step (its replay, as ``common.compare_step_variants`` times it: inductor's function alone, no
+runner bookkeeping) take turns over ``--rounds`` rounds of ``--steps`` steps. The table gives
+both medians, the read rate each reaches, and ``step_vs_floor``, the floor over the step: the
+share of this machine's read rate the step reaches. The per-token work around the step
+(``benchmarks/token_overhead.py``) is not in either figure.
+Writes decode_limit_<config>.{json,md,png} to the results folder (``common.results_dir()``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from common import config_model, write_results
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one batch-1 step of ``model`` reads (the module docstring's rule);
+    tied weights count once."""
+    config = getattr(model.config, "text_config", model.config)
+    experts, top_k = getattr(config, "num_experts", None), getattr(config, "num_experts_per_tok", None)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    seen, total = set(), 0.0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        share = 1.0
+        if p is embedding and not tied:
+            share = 1 / p.shape[0]  # one token's row
+        elif experts and top_k and p.dim() == 3 and p.shape[0] == experts:
+            share = top_k / experts  # the experts a token picks
+        total += share * p.numel() * p.element_size()
+    return int(total)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of one sequence's cache a step reads and writes, for a cache of one slot whose
+    length is the window: the key and value rows read, the conv and recurrent states read and
+    written."""
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    return size([*cache.k, *cache.v]) + 2 * size([*cache.conv, *cache.state])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
+    parser.add_argument("--window", type=int, default=128, help="attention window of the step (its cache length)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 tiny, 20 mid)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    for name in ("rounds", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.window < 2:
+        parser.error(f"--window {args.window}: must be at least 2")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be at least 1")
+    steps = args.steps or (20 if args.config == "mid" else 200)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*flash-linear-attention.*")
+
+    from graphdelta.runtime.runner import Runner
+
+    model = config_model(args.config)
+    with torch.no_grad():
+        runner = Runner(model, max_seqs=1, max_len=args.window, compile_steps=True)
+        runner.prepare(1, args.window, args.window)  # compiles the step of this window
+        if len(runner._replays) != 1:
+            raise RuntimeError(f"the step of window {args.window} is not replayed: nothing to time")
+        replay = next(iter(runner._replays.values()))
+        tokens, slots, starts = torch.full((1, 1), 4), torch.zeros(1, dtype=torch.long), torch.full((1,), args.window - 1)
+        weights, cache = weight_bytes(model), cache_bytes(runner.cache)
+        buffer = torch.ones((weights + cache) // 4)
+        systems = {"step": lambda: replay(tokens, slots, starts), "read floor": lambda: buffer.sum()}
+        times: dict[str, list[float]] = {name: [] for name in systems}
+        for fn in systems.values():
+            fn()
+        for _ in range(args.rounds):  # in turns: this machine's speed drifts over minutes
+            for name, fn in systems.items():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                times[name].append((time.perf_counter() - start) / steps)
+    step_bytes = weights + cache
+    floor = statistics.median(times["read floor"])
+    rows = []
+    for name in systems:
+        took = statistics.median(times[name])
+        rows.append({"config": args.config, "window": args.window, "what": name, "ms": took * 1e3,
+                     "step_MB": step_bytes / 1e6, "weights_MB": weights / 1e6, "GB_per_s": step_bytes / took / 1e9,
+                     "step_vs_floor": floor / took})
+    for row in rows:
+        print(row, flush=True)
+
+    def plot(path) -> None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar([r["what"] for r in rows], [r["ms"] for r in rows])
+        ax.set_ylabel("ms per step")
+        ax.set_title(f"{args.config}: batch-1 step, {step_bytes / 1e6:.0f} MB read")
+        fig.tight_layout()
+        fig.savefig(path)
+
+    command = "python benchmarks/decode_limit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    columns = ["config", "window", "what", "ms", "step_MB", "weights_MB", "GB_per_s", "step_vs_floor"]
+    print(write_results(f"decode_limit_{args.config}", rows, columns, command.strip(), plot))
+
+
+if __name__ == "__main__":
+    main()
