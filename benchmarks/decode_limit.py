@@ -8,13 +8,15 @@ not by arithmetic. This counts the bytes one step reads (``step_bytes``): every 
 the MoE experts' stacked weights for the ``num_experts_per_tok`` of ``num_experts`` a token
 picks, one row of an embedding not tied to the head, and one sequence's cache for the window
 (its key and value rows, and the convolution and recurrent states, read and written). The
-*read floor* sums a float32 buffer of the same size (``torch.sum``, the same threads): no step
-that reads those bytes from where this machine holds them can take less. It and the compiled
-step (its replay, as ``common.compare_step_variants`` times it: inductor's function alone, no
-runner bookkeeping) take turns over ``--rounds`` rounds of ``--steps`` steps. The table gives
-both medians, the read rate each reaches, and ``step_vs_floor``, the floor over the step: the
-share of this machine's read rate the step reaches. The per-token work around the step
-(``benchmarks/token_overhead.py``) is not in either figure.
+*read floor* sums a float32 buffer of the same size (``torch.sum``, the same threads): a
+reference rate at which this machine reads that many bytes from where it holds them (from
+memory at the mid size, from cache for the tiny model), not a proof that no step can be
+faster; it varies between runs as the machine does. It and the compiled step (its replay, as
+``common.compare_step_variants`` times it: inductor's function alone, no runner bookkeeping)
+take turns over ``--rounds`` rounds of ``--steps`` steps, which one goes first alternating.
+The table gives both medians, the read rate each reaches, and ``step_vs_floor``, the floor
+over the step: the share of the reference rate the step reaches. The per-token work around
+the step (``benchmarks/token_overhead.py``) is not in either figure.
 Writes decode_limit_<config>.{json,md,png} to the results folder (``common.results_dir()``).
 """
 from __future__ import annotations
@@ -53,10 +55,10 @@ def weight_bytes(model) -> int:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of one sequence's cache a step reads and writes, for a cache of one slot whose
-    length is the window: the key and value rows read, the conv and recurrent states read and
-    written."""
-    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    """Bytes of one sequence's cache a step reads and writes, for a cache whose length is the
+    window: the key and value rows read, the conv and recurrent states read and written. One
+    row of each pool (a slot's; every pool also holds a sentinel row for padded steps)."""
+    size = lambda ts: sum(t[0].numel() * t.element_size() for t in ts)  # noqa: E731
     return size([*cache.k, *cache.v]) + 2 * size([*cache.conv, *cache.state])
 
 
@@ -95,8 +97,9 @@ def main(argv=None) -> None:
         times: dict[str, list[float]] = {name: [] for name in systems}
         for fn in systems.values():
             fn()
-        for _ in range(args.rounds):  # in turns: this machine's speed drifts over minutes
-            for name, fn in systems.items():
+        for rnd in range(args.rounds):  # in turns (a b b a ...): this machine's speed drifts
+            for name in (list(systems) if rnd % 2 == 0 else list(systems)[::-1]):
+                fn = systems[name]
                 start = time.perf_counter()
                 for _ in range(steps):
                     fn()
