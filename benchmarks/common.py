@@ -41,12 +41,14 @@ def model_dtype(args) -> torch.dtype:
     return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
 
 
-def add_step_arguments(parser, pairs: int) -> None:
-    """The options of a benchmark that compiles a decode step two ways and times them in turns:
-    ``--config`` (the shipped tiny model or the mid-size one), ``--pairs``, ``--rounds``,
-    ``--steps`` and ``--threads``; ``parse_step_arguments`` reads them."""
+def add_step_arguments(parser, pairs: int | None) -> None:
+    """The options of a benchmark that compiles a decode step and times it in turns (two ways,
+    or against another reference): ``--config`` (the shipped tiny model or the mid-size one),
+    ``--pairs`` (unless ``pairs`` is None: one compile only), ``--rounds``, ``--steps`` and
+    ``--threads``; ``parse_step_arguments`` reads them."""
     parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
-    parser.add_argument("--pairs", type=int, default=pairs, help="compiles of each variant per shape")
+    if pairs is not None:
+        parser.add_argument("--pairs", type=int, default=pairs, help="compiles of each variant per shape")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 tiny, 20 mid)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -58,7 +60,7 @@ def parse_step_arguments(parser, argv=None, check: Callable = lambda args: None)
     (args, model), the model of ``--config`` (``config_model``)."""
     args = parser.parse_args(argv)
     for name in ("pairs", "rounds", "steps"):
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name} {value}: must be at least 1")
     check(args)
@@ -114,22 +116,15 @@ def compare_step_variants(args, model, windows: list[int], variants: dict[str, C
     """
     import sys
 
-    from graphdelta.runtime.runner import Runner
-
     a, b = variants
     steps = args.steps
 
     def time_pair(window: int, order: tuple[str, str]) -> tuple[dict[str, list[float]], float]:
         torch._dynamo.reset()
-        tokens, slots, starts = torch.full((1, 1), 4), torch.zeros(1, dtype=torch.long), torch.full((1,), window - 1)
         replays, logits = {}, {}
         for variant in order:
             with variants[variant]():
-                runner = Runner(model, max_seqs=1, max_len=window, compile_steps=True)
-                runner.prepare(1, window, window)  # compiles the step of this window
-            if len(runner._replays) != 1:
-                raise RuntimeError(f"the {variant} step of window {window} is not replayed: nothing to time")
-            replays[variant] = next(iter(runner._replays.values()))
+                _, replays[variant], (tokens, slots, starts) = replayed_step(model, window, variant)
             logits[variant] = replays[variant](tokens, slots, starts).clone()
         if replays[a].fn is replays[b].fn:
             raise RuntimeError(f"the two variants share one compiled step (window {window}): nothing to compare")
@@ -173,6 +168,21 @@ def compare_step_variants(args, model, windows: list[int], variants: dict[str, C
     command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
     columns = ["config", "window", f"{a}_ms", f"{b}_ms", "speedup", "pair_speedups", "max_logit_diff"]
     return write_results(f"{Path(script).stem}_{args.config}", rows, columns, command.strip(), plot)
+
+
+def replayed_step(model, window: int, what: str = "") -> tuple:
+    """A runner of one sequence of ``window`` positions with the batch-1 decode step of that
+    window compiled, the step's ``Replay`` (inductor's function called directly) and inputs
+    for it (a token, slot 0, the window's last position); raises if the step is not replayed
+    (``what`` names it in the message)."""
+    from graphdelta.runtime.runner import Runner
+
+    runner = Runner(model, max_seqs=1, max_len=window, compile_steps=True)
+    runner.prepare(1, window, window)  # compiles the step of this window
+    if len(runner._replays) != 1:
+        raise RuntimeError(f"the {what + ' ' if what else ''}step of window {window} is not replayed: nothing to time")
+    inputs = torch.full((1, 1), 4), torch.zeros(1, dtype=torch.long), torch.full((1,), window - 1)
+    return runner, next(iter(runner._replays.values())), inputs
 
 
 def paired_bars(rows: list[dict], bars: dict[str, str], label: Callable[[dict], str], title: str) -> Callable:

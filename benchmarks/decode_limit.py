@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from common import config_model, write_results
+from common import add_step_arguments, parse_step_arguments, replayed_step, write_results
 
 
 def weight_bytes(model) -> int:
@@ -64,36 +64,23 @@ def cache_bytes(cache) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="embedded", choices=["embedded", "mid"])
     parser.add_argument("--window", type=int, default=128, help="attention window of the step (its cache length)")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 tiny, 20 mid)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args(argv)
-    for name in ("rounds", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
-    if args.window < 2:
-        parser.error(f"--window {args.window}: must be at least 2")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps {args.steps}: must be at least 1")
-    steps = args.steps or (20 if args.config == "mid" else 200)
-    torch.set_num_threads(args.threads)
+    add_step_arguments(parser, pairs=None)
+    parser.set_defaults(rounds=7)
+
+    def check(args) -> None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads}: must be at least 1")
+        if args.window < 2:
+            parser.error(f"--window {args.window}: must be at least 2")
+
     warnings.filterwarnings("ignore", message=".*flash-linear-attention.*")
-
-    from graphdelta.runtime.runner import Runner
-
-    model = config_model(args.config)
+    args, model = parse_step_arguments(parser, argv, check)
     with torch.no_grad():
-        runner = Runner(model, max_seqs=1, max_len=args.window, compile_steps=True)
-        runner.prepare(1, args.window, args.window)  # compiles the step of this window
-        if len(runner._replays) != 1:
-            raise RuntimeError(f"the step of window {args.window} is not replayed: nothing to time")
-        replay = next(iter(runner._replays.values()))
-        tokens, slots, starts = torch.full((1, 1), 4), torch.zeros(1, dtype=torch.long), torch.full((1,), args.window - 1)
+        runner, replay, inputs = replayed_step(model, args.window)
         weights, cache = weight_bytes(model), cache_bytes(runner.cache)
         buffer = torch.ones((weights + cache) // 4)
-        systems = {"step": lambda: replay(tokens, slots, starts), "read floor": lambda: buffer.sum()}
+        systems = {"step": lambda: replay(*inputs), "read floor": lambda: buffer.sum()}
         times: dict[str, list[float]] = {name: [] for name in systems}
         for fn in systems.values():
             fn()
@@ -101,9 +88,9 @@ def main(argv=None) -> None:
             for name in (list(systems) if rnd % 2 == 0 else list(systems)[::-1]):
                 fn = systems[name]
                 start = time.perf_counter()
-                for _ in range(steps):
+                for _ in range(args.steps):
                     fn()
-                times[name].append((time.perf_counter() - start) / steps)
+                times[name].append((time.perf_counter() - start) / args.steps)
     step_bytes = weights + cache
     floor = statistics.median(times["read floor"])
     rows = []
