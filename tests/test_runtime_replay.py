@@ -351,7 +351,8 @@ def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held(one_thread):
     A batch that shrinks within its bucket pads the row it freed again (slot -1: the slot that
     left is not stepped), a step that finds them held by another step builds its own without
     touching them, and a step that raises lets them go. Logits and every cache part stay the
-    eager runner's."""
+    eager runner's, whether the tokens come as a list of host ints (filled in as they are) or
+    as a tensor."""
     from graphdelta.runtime import Runner
     from models import build, tokens
 
@@ -363,13 +364,17 @@ def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held(one_thread):
         logits = runner.prefill(slots, [tokens(5 + 3 * i, seed=i)[0] for i in range(4)])
         nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
 
-    def both(slots):
-        got, want = (runner.decode(slots, [nexts[runner, s] for s in slots]) for runner in (ours, eager))
+    def both(slots, as_tensor=False):
+        ids = {runner: [nexts[runner, s] for s in slots] for runner in (ours, eager)}
+        if as_tensor:
+            ids[ours] = torch.tensor(ids[ours])[:, None]
+        got, want = (runner.decode(slots, ids[runner]) for runner in (ours, eager))
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
         for runner, logits in ((ours, got), (eager, want)):
             nexts.update(((runner, s), t) for s, t in zip(slots, logits.argmax(-1).tolist()))
 
     both([0, 1, 2, 3])
+    both([0, 1, 2, 3], as_tensor=True)
     both([0, 1, 2])  # bucket 4 still: row 3 pads
     kept = ours._host_inputs[4, 1]
     assert kept.slots.tolist() == [0, 1, 2, -1] and kept.starts.tolist()[3] == 0
@@ -377,6 +382,7 @@ def test_kept_step_inputs_follow_the_batch_and_step_aside_when_held(one_thread):
     try:
         before = [t.clone() for t in (kept.tokens, kept.slots, kept.starts)]
         both([2, 0, 1])  # bucket 4, other order
+        both([2, 0, 1], as_tensor=True)
         assert all(torch.equal(a, b) for a, b in zip(before, (kept.tokens, kept.slots, kept.starts)))
     finally:
         kept._lock.release()

@@ -23,13 +23,14 @@ through Dynamo):
 
 A replay also holds only while the objects it was given are the ones Dynamo would fetch: it
 keeps every parameter, buffer and submodule entry of the runner's module tree as it found them
-(``Replay.fresh``, a check of identities: 13 us per tiny step), and a runner drops its replays
+(``Replay.fresh``, a check of identities, run in C: 9 us per tiny step), and a runner drops its replays
 when Dynamo's caches reset (``resets()``, counted by the backend's ``reset``).
 """
 from __future__ import annotations
 
 import contextlib
 import dis
+import operator
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -187,6 +188,12 @@ class Replay:
     def __init__(self, fn: Callable, args: list, places: list[int | None], which: int,
                  tree: list[tuple[dict, str, Any]]):
         self.fn, self.which, self.tree = fn, which, tree
+        # fresh() walks these in C (map, operator.is_): a Python loop over the entries was a
+        # per-step cost that grew with the layers
+        self._dicts = [entries for entries, _, _ in tree]
+        self._names = [name for _, name, _ in tree]
+        self._values = [value for _, _, value in tree]
+        self._plain = all(type(entries) is dict for entries in self._dicts)
         self.args = list(args)
         self.places = places
         # inductor's code reads its inputs' memory as compiled: same dtype, device, shape, strides
@@ -196,7 +203,9 @@ class Replay:
         """Whether every parameter, buffer and submodule entry of the module tree is still the
         object it was at the capture: none was set anew, by ``setattr``, ``load_state_dict(assign=
         True)``, ``_apply`` or a direct write to a module's ``_parameters`` and the like."""
-        # (~13 us for the tiny model's 197 entries, against the ~0.2 ms Dynamo's call added)
+        # (~9 us for the tiny model's 184 entries, against the ~0.2 ms Dynamo's call added)
+        if self._plain:
+            return all(map(operator.is_, map(dict.get, self._dicts, self._names), self._values))
         return all(entries.get(name) is value for entries, name, value in self.tree)
 
     def fits(self, *inputs: Tensor) -> bool:

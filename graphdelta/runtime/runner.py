@@ -83,10 +83,7 @@ def token_ids(tokens: Any, what: str, vocab: int | None = None) -> Tensor:
     from the model's logits are in range."""
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"{what} must be token ids, got {type(tokens).__name__} {tokens[:40]!r}: tokenize it first")
-    if type(tokens) is list and 0 < len(tokens) <= 256 and all(type(i) is int for i in tokens) \
-            and (vocab is None or 0 <= min(tokens) and max(tokens) < vocab):
-        # A few host ints (generate's decode tokens, every step): checked in Python, then one
-        # tensor made. A tensor's range check is two reductions, ~30 us of a tiny model's step.
+    if host_ids(tokens, vocab):
         return torch.tensor(tokens, dtype=torch.long)
     t = torch.as_tensor(tokens)
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
@@ -96,6 +93,14 @@ def token_ids(tokens: Any, what: str, vocab: int | None = None) -> Tensor:
         bad = int(t[(t < 0) | (t >= vocab)][0])
         raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab})")
     return t
+
+
+def host_ids(tokens: Any, vocab: int | None = None) -> bool:
+    """Whether ``tokens`` is a list of a few host ints (generate's decode tokens, every step),
+    each in ``[0, vocab)`` when given: checked in Python. A tensor's range check is two
+    reductions, ~30 us of a tiny model's step."""
+    return (type(tokens) is list and 0 < len(tokens) <= 256 and all(type(i) is int for i in tokens)
+            and (vocab is None or 0 <= min(tokens) and max(tokens) < vocab))
 
 
 def buckets(largest: int, smallest: int = 1) -> list[int]:
@@ -176,18 +181,22 @@ class _HostInputs:
         except (RuntimeError, ImportError):  # "Numpy is not available"
             return None
 
-    def hold(self, slots: list[int], starts: list[int], tokens: Tensor) -> bool:
+    def hold(self, slots: list[int], starts: list[int], tokens: Tensor | list[int]) -> bool:
         """Fill them for a step of ``B = len(slots)`` real rows (padded rows after: slot -1,
         position 0, token 0) and hold them until ``release``; False, filling nothing, while
-        another step holds them."""
+        another step holds them. ``tokens``: ``[B, T]``, or a list of one int per row (T = 1)."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
             t, s, p = self._views
             B = len(slots)
-            s[:B], s[B:] = slots, -1
-            p[:B], p[B:] = starts, 0
-            t[:B], t[B:] = tokens.numpy(), 0
+            s[:B], p[:B] = slots, starts
+            if type(tokens) is list:
+                t[:B, 0] = tokens
+            else:
+                t[:B] = tokens.numpy()
+            if B < len(s):
+                s[B:], p[B:], t[B:] = -1, 0, 0
         except BaseException:
             self._lock.release()
             raise
@@ -343,10 +352,10 @@ class Runner:
     def decode(self, slots: Sequence[int], tokens: Sequence[int] | Tensor) -> Tensor:
         """One token for each slot; returns the next-token logits ``[B, V]``."""
         slots = self._slots(slots)
-        tokens = token_ids(tokens, "decode tokens", self.vocab)
-        if tokens.numel() != len(slots):
-            raise ValueError(f"decode needs one token per slot, got {tokens.numel()} tokens for slots {list(slots)}")
-        tokens = tokens.reshape(len(slots), 1)
+        if not host_ids(tokens, self.vocab):  # (a list of host ints goes to the step as it is)
+            tokens = token_ids(tokens, "decode tokens", self.vocab).reshape(-1, 1)
+        if len(tokens) != len(slots):
+            raise ValueError(f"decode needs one token per slot, got {len(tokens)} tokens for slots {list(slots)}")
         logits, _ = self._step(slots, tokens, keep=False)
         return logits[:, 0]
 
@@ -382,16 +391,18 @@ class Runner:
                 return b
         raise ValueError(f"batch of {batch} sequences exceeds max_batch={self.max_batch}")
 
-    def _step(self, slots: list[int], tokens: Tensor, keep: bool) -> tuple[Tensor, list[LinearAux]]:
+    def _step(self, slots: list[int], tokens: Tensor | list[int], keep: bool) -> tuple[Tensor, list[LinearAux]]:
+        """A step of ``tokens`` ``[B, T]`` for ``slots``, or of a list of one host int per slot."""
         self._forget_if_reset()
-        B, T = tokens.shape
+        listed = type(tokens) is list
+        B, T = (len(tokens), 1) if listed else tokens.shape
         for slot in slots:
             self.cache.check_room(slot, T)
         size = self.bucket(B)
         starts = [self.cache.lengths[s] for s in slots]
         window = self._window(max(starts) + T)
         key = (size, T, keep, window)
-        if self.compile_steps and self.device.type == "cpu" and tokens.device.type == "cpu":
+        if self.compile_steps and self.device.type == "cpu" and (listed or tokens.device.type == "cpu"):
             if (size, T) not in self._host_inputs:
                 self._host_inputs[size, T] = _HostInputs.make(size, T)
             host, held = self._host_inputs[size, T], False
@@ -402,6 +413,8 @@ class Runner:
             finally:
                 if held:
                     host.release()
+        if listed:
+            tokens = torch.tensor(tokens, dtype=torch.long).view(B, 1)
         pad = size - B
         # Padded rows: slot -1, position 0, token 0. Host-side tokens travel with the slots.
         parts: list = [slots + [-1] * pad, starts + [0] * pad]
@@ -507,7 +520,7 @@ class Runner:
             replay = None
             self._forget_if_relaid()
         if (replay is not None and not torch.is_grad_enabled() and replay.fits(tokens, slots, starts)
-                and self._may_skip_guards()):
+                and self._may_replay()):
             return replay(tokens, slots, starts), aux
         batch = Batch(slots, starts, tokens.shape[1], window, keep_intermediate=keep)
         rows = tokens.shape[0] if tokens.shape[1] == 1 else 1  # decode steps only (_reduction_rows)
@@ -610,9 +623,7 @@ class Runner:
         an entry that was not compiled for it. The stance is process-wide: compiled code that
         other threads run during a step skips its guards too (the runners' steps through
         Dynamo take turns under one lock, ``static_experts``; replayed steps set no stance)."""
-        stance = getattr(torch._dynamo.eval_frame, "_stance", None)
-        if (not self.skip_guards or getattr(stance, "stance", None) != "default"
-                or getattr(stance, "backend", None) is not None or getattr(stance, "skip_guard_eval_unsafe", True)):
+        if not self._default_stance():
             return False
         entries = _compiled_entries()
         if entries is None or entries != self._entries:
@@ -622,6 +633,20 @@ class Runner:
         # a weight or pool of another dtype, shape or strides: its compiled code would read it
         # as it was, with no assert to stop it; every shape compiles again
         return not self._forget_if_relaid()
+
+    def _may_replay(self) -> bool:
+        """Whether a replay (``replay.py``) may run this step: as ``_may_skip_guards``, but
+        whatever Dynamo's entries for the step frame are now. A replay calls its own compiled
+        function with the tensors it was given, never an entry Dynamo chooses, and Dynamo's
+        resets drop the replays anyway (``_forget_if_reset``)."""
+        return self._default_stance() and not self._forget_if_relaid()
+
+    def _default_stance(self) -> bool:
+        """Whether guards may be skipped at all: only by a runner that may (``skip_guards``) and
+        under Dynamo's default stance (a user's ``force_eager`` etc. stays in force)."""
+        stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+        return (self.skip_guards and getattr(stance, "stance", None) == "default"
+                and getattr(stance, "backend", None) is None and not getattr(stance, "skip_guard_eval_unsafe", True))
 
 
 def _cpu_step_options() -> dict[str, Any]:
