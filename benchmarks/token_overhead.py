@@ -1,9 +1,11 @@
 """Where a decoded token's time goes, end to end, CPU: ``graphdelta.generate`` per step after
 the first token, ``Runner.decode`` per step (greedy argmax, no streaming), the same with the
 step's inputs built per step (as before the runner kept them in place), the compiled step alone
-(``Runner._run``: no validation, no cache bookkeeping), and that step called through Dynamo
-instead of replayed (graphdelta/runtime/replay.py). The differences are the per-token overhead
-of generate, of the runner around the step, and of Dynamo.
+(``Runner._run``: no validation, no cache bookkeeping), that step called through Dynamo
+instead of replayed (graphdelta/runtime/replay.py), and ``Runner.decode`` with every replayed
+step answered by its last result (the runner's own Python per token: validation, the replay's
+checks, kept inputs, cache bookkeeping; the step's kernels not run). The differences are the
+per-token overhead of generate, of the runner around the step, and of Dynamo.
 
     python benchmarks/token_overhead.py [--tokens 200] [--rounds 5] [--threads 2]
     python benchmarks/token_overhead.py --config mid --experts batched_mm
@@ -55,6 +57,7 @@ def main(argv=None) -> None:
 
     import graphdelta
     from graphdelta.runtime.generate import generate
+    from graphdelta.runtime.replay import Replay
     from graphdelta.runtime.runner import Runner
 
     model, tokenizer = graphdelta.assets.load_default_model()
@@ -71,7 +74,8 @@ def main(argv=None) -> None:
     runner.experts = args.experts or runner.experts
     generate(compiled, prompts, max_new_tokens=N, eos_token_id=[], runner=runner, max_batch=B)  # compiles the steps
     times: dict[str, list[float]] = {"generate": [], "Runner.decode": [], "Runner.decode, inputs built per step": [],
-                                     "compiled step": [], "compiled step through Dynamo": []}
+                                     "compiled step": [], "compiled step through Dynamo": [],
+                                     "Runner.decode, step not run": []}
     with torch.no_grad():  # as the runner's steps run (Dynamo guards on grad mode)
         for rnd in range(args.rounds):
             firsts: list[float] = []  # when the first tokens came (the prompt's prefill is not timed)
@@ -105,6 +109,24 @@ def main(argv=None) -> None:
                     for inputs in kept:
                         inputs._lock.release()
 
+            def bookkeeping() -> float:
+                """``decode`` with each replay answering its first result again (the same
+                tokens each step: the Python around the step, not the step)."""
+                answers: dict = {}
+                call = Replay.__call__
+
+                def answered(replay, *inputs):
+                    if replay not in answers:
+                        answers[replay] = call(replay, *inputs)
+                    return answers[replay]
+
+                Replay.__call__ = answered
+                try:
+                    return decode()[0]
+                finally:
+                    Replay.__call__ = call
+
+            times["Runner.decode, step not run"].append(bookkeeping())
             if rnd % 2:  # which of the two goes first alternates between rounds
                 times["Runner.decode, inputs built per step"].append(built())
             took, logits, slots, position = decode()

@@ -205,6 +205,40 @@ def test_runners_sharing_a_compiled_step_replay_their_own_caches(monkeypatch, on
         assert not held & {id(t) for t in other.cache.buffers()}
 
 
+def test_a_replay_runs_whatever_entries_another_runner_compiles(monkeypatch, one_thread):
+    """A replay calls its own compiled function, never an entry Dynamo chooses: another runner
+    compiling the step frame anew (a cache of other sizes, so a new entry) leaves the first
+    runner's steps replaying, with the eager runner's logits."""
+    from graphdelta.runtime import Runner
+    from graphdelta.runtime.runner import _compiled_entries
+    from models import build, tokens
+
+    qwen = build("qwen3_next")
+    eager, ours = (Runner(qwen, max_seqs=3, max_len=128, compile_steps=c) for c in (False, True))
+    prompt = tokens(9, seed=1)[0]
+    slots = [runner.allocate() for runner in (eager, ours)]
+    lasts = [runner.prefill([slot], [prompt]) for runner, slot in zip((eager, ours), slots)]
+
+    def step():  # the same token for both
+        token = lasts[0].argmax(-1).tolist()
+        for i, (runner, slot) in enumerate(zip((eager, ours), slots)):
+            lasts[i] = runner.decode([slot], token)
+        torch.testing.assert_close(lasts[1], lasts[0], atol=2e-5, rtol=0)
+
+    step()  # compiles
+    step()  # replays
+    before = _compiled_entries()
+    other = Runner(qwen, max_seqs=2, max_len=64, compile_steps=True)
+    other.prefill([other.allocate()], [prompt])
+    other.decode([0], [3])
+    assert before is None or _compiled_entries() > before
+    replayed = []
+    call = Replay.__call__
+    monkeypatch.setattr(Replay, "__call__", lambda self, *inputs: replayed.append(self) or call(self, *inputs))
+    step()
+    assert replayed == [ours._replays[(1, 1, False, 64)]]
+
+
 def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again(one_thread):
     """A replay holds the tensors its compiling call got. A weight set anew (``load_state_dict``
     with ``assign=True``, or a write to ``_parameters``) or a reset of Dynamo's caches makes each shape's next step run with
