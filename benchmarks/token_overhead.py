@@ -3,8 +3,9 @@ the first token, ``Runner.decode`` per step (greedy argmax, no streaming), the s
 step's inputs built per step (as before the runner kept them in place), the compiled step alone
 (``Runner._run``: no validation, no cache bookkeeping), that step called through Dynamo
 instead of replayed (graphdelta/runtime/replay.py), and ``Runner.decode`` with every replayed
-step answered by its last result (the runner's own Python per token: validation, the replay's
-checks, kept inputs, cache bookkeeping; the step's kernels not run). The differences are the
+step answered by its first result again (the runner's own Python per token: validation, the
+replay's checks, kept inputs, cache bookkeeping; only each step shape's first step runs, and a
+step that is not replayed runs every time). The differences are the
 per-token overhead of generate, of the runner around the step, and of Dynamo.
 
     python benchmarks/token_overhead.py [--tokens 200] [--rounds 5] [--threads 2]
@@ -19,7 +20,7 @@ layers, random weights, the dimensions of benchmarks/llamacpp.py's). ``--experts
 dispatch of the compiled steps (default: the runner's own choice). Dispatches are compared in
 separate runs, one after the other: two runners' compiled steps in one process share Dynamo's
 frame, and a runner skips guard evaluation only while the frame's entries are its own. Each
-round times the five in turn; the table gives medians of the rounds. Writes
+round times the six in turn (the step-not-run row first); the table gives medians of the rounds. Writes
 token_overhead.{json,md} to the results folder (``common.results_dir()``).
 """
 from __future__ import annotations

@@ -239,6 +239,29 @@ def test_a_replay_runs_whatever_entries_another_runner_compiles(monkeypatch, one
     assert replayed == [ours._replays[(1, 1, False, 64)]]
 
 
+def test_every_dynamo_reset_captures_the_step_again(one_thread):
+    """Each reset of Dynamo's caches drops the runner's replays, the second of two with no new
+    runner between them too (Dynamo forgets the backends it knows at every reset: the runner's
+    backend registers again when it compiles); the logits stay the eager runner's."""
+    from graphdelta.runtime import Runner
+    from models import build, tokens
+
+    qwen = build("qwen3_next")
+    eager, ours = (Runner(qwen, max_seqs=3, max_len=128, compile_steps=c) for c in (False, True))
+    slots = [runner.allocate() for runner in (eager, ours)]
+    for runner, slot in zip((eager, ours), slots):
+        runner.prefill([slot], [tokens(5, seed=3)[0]])
+    seen = []
+    for token in (3, 4, 5, 6, 7):
+        got, want = (runner.decode([slot], [token]) for runner, slot in zip((ours, eager), slots))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        seen.append(ours._replays[(1, 1, False, 64)])
+        if token in (4, 5):
+            torch._dynamo.reset()
+    first, after_one, after_two = seen[1], seen[2], seen[3]
+    assert seen[0] is first and after_one is not first and after_two is not after_one and seen[4] is after_two
+
+
 def test_a_set_weight_or_a_dynamo_reset_captures_the_step_again(one_thread):
     """A replay holds the tensors its compiling call got. A weight set anew (``load_state_dict``
     with ``assign=True``, or a write to ``_parameters``) or a reset of Dynamo's caches makes each shape's next step run with

@@ -66,6 +66,13 @@ def recording_inductor(options: dict[str, Any] | None) -> Callable:
 
     class RecordingInductor(base):
         def __call__(self, model_, inputs_, **kwargs):
+            # Dynamo resets the backends registered when their optimize context was made, and
+            # forgets them at each reset. Registered again with every compile, this one sees
+            # every reset after a compile, however many came before: each Dynamo entry, and
+            # so each replay of one, comes from a compile.
+            backends = getattr(torch._dynamo.eval_frame, "cached_backends", None)
+            if isinstance(backends, dict):
+                backends.setdefault(id(self), self)
             return recorded(super().__call__(model_, inputs_, **kwargs))
 
         def reset(self):

@@ -350,7 +350,8 @@ class Runner:
 
     @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int] | Tensor) -> Tensor:
-        """One token for each slot; returns the next-token logits ``[B, V]``."""
+        """One token for each of the ``B`` slots: a list of ``B`` ints, or a tensor of ``B``
+        ids (``[B]`` or ``[B, 1]``); returns the next-token logits ``[B, V]``."""
         slots = self._slots(slots)
         if not host_ids(tokens, self.vocab):  # (a list of host ints goes to the step as it is)
             tokens = token_ids(tokens, "decode tokens", self.vocab).reshape(-1, 1)
@@ -663,8 +664,8 @@ def _cpu_step_options() -> dict[str, Any]:
     row limit a step compiles under follows from its graph (its rows, its experts' top-k) and
     ``_LIFTED_ROWS``. A user's own ``post_grad_fusion_options`` are kept."""
     # Without inductor's asserts of every input's size and strides on each call (the tiny
-    # model's step: 85 asserts, about 0.1 ms of 0.66 ms): Runner._may_skip_guards checks the
-    # layouts of everything a step reads in one call instead (layouts.py).
+    # model's step: 85 asserts, about 0.1 ms of 0.66 ms): Runner._may_skip_guards and
+    # _may_replay check the layouts of everything a step reads in one call instead (layouts.py).
     options: dict[str, Any] = {"cpp_wrapper": True, "size_asserts": False}
     if _decompose_module() is not None:
         options["post_grad_fusion_options"] = {
