@@ -48,12 +48,13 @@ def stage(tree: Path, where: Path) -> Path:
 
 
 def check_stage(path: Path, tree: Path) -> None:
-    """Raise unless graphdelta and its subpackages import from ``tree`` with ``path`` first."""
+    """Raise unless graphdelta and its subpackages import from ``tree`` with ``path`` first (run
+    from ``path``: a ``-c`` probe puts its working folder first on sys.path)."""
     probe = ("import graphdelta.lowering, graphdelta.passes, graphdelta.runtime, os; "
              "print('\\n'.join(os.path.realpath(m.__file__) for m in "
              "(graphdelta, graphdelta.lowering, graphdelta.passes, graphdelta.runtime)))")
     files = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(path)},
-                           capture_output=True, text=True, check=True).stdout.split()
+                           cwd=path, capture_output=True, text=True, check=True).stdout.split()
     outside = [f for f in files if not Path(f).is_relative_to(tree.resolve())]
     if len(files) != 4 or outside:
         raise RuntimeError(f"graphdelta does not import from {tree} here: {outside or files}")
@@ -64,7 +65,7 @@ def run_side(tree: Path, path: Path, options: list[str], out: Path) -> dict[str,
     token by row."""
     env = {**os.environ, "PYTHONPATH": str(path), "GRAPHDELTA_BENCH_RESULTS": str(out)}
     subprocess.run([sys.executable, str(tree / "benchmarks" / "token_overhead.py"), *options],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+                   env=env, cwd=path, check=True, stdout=subprocess.DEVNULL)
     rows = json.loads((out / "token_overhead.json").read_text())["rows"]
     return {row["what"]: row["ms_per_token"] for row in rows}
 
