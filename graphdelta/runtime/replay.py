@@ -23,8 +23,8 @@ through Dynamo):
 
 A replay also holds only while the objects it was given are the ones Dynamo would fetch: it
 keeps every parameter, buffer and submodule entry of the runner's module tree as it found them
-(``Replay.fresh``, a check of identities, run in C: 9 us per tiny step), and a runner drops its replays
-when Dynamo's caches reset (``resets()``, counted by the backend's ``reset``).
+(``Replay.fresh``, a check of identities, run in C: 9 us per tiny step), and a runner drops
+its replays when Dynamo's caches reset (``resets()``, counted by the backend's ``reset``).
 """
 from __future__ import annotations
 
