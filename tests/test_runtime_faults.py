@@ -340,3 +340,21 @@ def test_static_steps_dispatch_experts_per_device(qwen):
     assert runner.experts == "batched_mm"
     with static_experts([qwen.config], "grouped_mm"):
         assert qwen.config._experts_implementation == "grouped_mm"
+
+
+def test_the_dispatch_switch_finds_experts_without_the_expert_parallel_flag(qwen, monkeypatch):
+    """transformers 5.17 (the GPU image's) marks no experts module ``_is_expert_parallel``: a
+    search for that flag alone found none, the switch did nothing, and the CUDA graph of the
+    fp32 step captured grouped_mm's host copy (the first GPU check kit run, 2026-12-04)."""
+    from graphdelta.runtime.forward import experts_configs
+
+    experts = [m for m in qwen.modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed")]
+    assert experts, "the tiny Qwen3-Next has MoE experts"
+    for m in experts:
+        if "_is_expert_parallel" in vars(m):  # (transformers 5.2x)
+            monkeypatch.delattr(m, "_is_expert_parallel")
+    configs = experts_configs(qwen)
+    assert configs
+    with static_experts(configs, "batched_mm"):
+        assert all(m.config._experts_implementation == "batched_mm" for m in experts)
+    assert all(m.config._experts_implementation != "batched_mm" for m in experts)

@@ -404,9 +404,15 @@ def _mixer(layer: nn.Module, kind: str, i: int, cache: HybridCache, index: int) 
 
 
 def experts_configs(model: nn.Module) -> list[Any]:
-    """The configs that transformers' MoE experts modules of ``model`` dispatch on."""
+    """The configs that transformers' MoE experts modules of ``model`` dispatch on: the modules
+    that ``use_experts_implementation`` wrapped. Its ``__init__`` sets ``has_gate`` and
+    ``is_transposed`` in every transformers 5.x; ``_is_expert_parallel`` came later (5.2x), and
+    under 5.17 a search for it alone found nothing, so that the dispatch switch silently did
+    nothing and a CUDA graph captured ``grouped_mm``'s host sync in fp32 (the first GPU check
+    kit run, 2026-12-04)."""
     configs = {id(m.config): m.config for m in model.modules()
-               if hasattr(m, "_is_expert_parallel") and hasattr(m, "config")}
+               if hasattr(m, "config") and (hasattr(m, "_is_expert_parallel")
+                                            or (hasattr(m, "has_gate") and hasattr(m, "is_transposed")))}
     return list(configs.values())
 
 
