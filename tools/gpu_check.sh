@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check kit: everything graphdelta needs a GPU to check, in one device call of at most
-# 9 minutes, most informative first. Each step writes its log into $OUT as it runs and has its
+# under 10 minutes, most informative first. Each step writes its log into $OUT as it runs and has its
 # own time limit, so a step that hangs or a call that times out still returns what ran.
 #
 #   1 env        nvidia-smi, versions, the device's limits, the tools present
@@ -11,13 +11,19 @@
 #                (kv, vk and bf16), with GRAPHDELTA_AUTOTUNE=0
 #   4 replay     the runtime's CUDA-graph decode against eager, window buckets, the MoE dispatch
 #                per device, sampling on the device, time per step (tools/gpu_replay.py)
-#   5 bench      benchmarks/kernels.py --sweep: roofline, prefill T=4k-32k against
-#                transformers and fla (if its wheel came along), decode replayed at batch
-#                1/64/256 with the tile sweep
-#   6 sanitizer  compute-sanitizer memcheck over every kernel on small shapes (tools/gpu_sanitize.py)
+#   5 sanitizer  compute-sanitizer memcheck over every kernel on small shapes (tools/gpu_sanitize.py)
+#   6 bench      benchmarks/kernels.py --sweep: roofline, decode replayed at batch 1/64/256 with
+#                the tile sweep, prefill T=4k-32k against transformers and fla (if its wheel came
+#                along); last, since it only measures, and takes what is left of the budget
+#
+# The first run on a GPU (2026-12-04, BENCHMARKS.md) set the caps: the tests took over 160 s
+# with 14 workers, the configs about 150 s over 14 shards, the sanitizer 29 s; the replay had not
+# finished its first check after 43 s.
 #
 # Usage:
 #   tools/gpu_check.sh          on the GPU machine (README, "GPU check kit", for the device call)
+#   GPU_CHECK_STEPS="3_tests 4_replay" GPU_CHECK_BUDGET=240 tools/gpu_check.sh
+#                               a rerun of chosen steps, after a fix, in what is left of a lease
 #   tools/gpu_check.sh --dry    here, without a GPU: every step on the CPU (the Triton interpreter,
 #                               tiny shapes), to prove the kit before a lease is spent on it
 #
@@ -31,7 +37,7 @@ if [ "${1:-}" = "--dry" ]; then DRY=1; fi
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
-BUDGET=${GPU_CHECK_BUDGET:-520}  # seconds for all steps: the device call runs with timeout_s 560
+BUDGET=${GPU_CHECK_BUDGET:-550}  # seconds for all steps: the device call runs with timeout_s 580
 SCALE=1  # of each step's cap: the CPU and the interpreter are far slower than the GPU machine
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
@@ -71,6 +77,10 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 # its output into $OUT/NAME.log, its verdict and the log's last lines into the summary.
 step() {
   local name=$1 cap=$(($2 * SCALE)) fn=$3
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+    say "== $name: not chosen (GPU_CHECK_STEPS)"
+    return
+  fi
   local left=$((BUDGET - (SECONDS - START) - 5))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -le 5 ]; then
@@ -94,7 +104,7 @@ step() {
 env_step() {
   date -u
   nvidia-smi || echo "no nvidia-smi"
-  uname -a; nproc; free -g | head -2
+  uname -a; nproc --all; free -g | head -2
   which nvcc compute-sanitizer ncu cuobjdump || true
   $PY -m pip list 2> /dev/null | grep -iE "^(torch|triton|transformers|numpy|pytest|pytest-xdist|hypothesis|einops) " || true
   if [ -n "$FLA_PATH" ]; then PYTHONPATH=$FLA_PATH:$PYTHONPATH $PY -c "import fla; print('fla', fla.__version__)"
@@ -117,7 +127,9 @@ PYEOF
 configs_step() {
   mkdir -p "$WORK/configs"
   local n args=""
-  if [ "$DRY" = 1 ]; then n=2; args="--device cpu --tiny"; else n=$(( $(nproc) > 16 ? 14 : $(nproc) - 2 )); fi
+  # (nproc --all: a plain nproc obeys OMP_NUM_THREADS=1, exported above, and gave one shard in the
+  # first run on a GPU, which then timed out with a quarter of the jobs done)
+  if [ "$DRY" = 1 ]; then n=2; args="--device cpu --tiny"; else n=$(( $(nproc --all) > 16 ? 14 : $(nproc --all) - 2 )); fi
   [ "$n" -lt 1 ] && n=1
   local pids=() failed=0
   for i in $(seq 0 $((n - 1))); do
@@ -140,13 +152,14 @@ tests_step() {
   files="$t/test_triton_chunk.py $t/test_triton_recurrent.py $t/test_triton_conv.py $t/test_norm.py $t/test_domain.py
     $t/test_compile_cuda.py $t/test_validation.py $t/test_ops.py $t/test_autotune.py
     $t/test_runtime.py::test_cuda_graph_replay_equals_eager_and_addresses_never_change"
-  if $PY -c "import xdist" 2> /dev/null; then par="-n 8 --dist load"; fi
+  # -v: each test's verdict as it ends, so that a step stopped at its cap still names its failures
+  if $PY -c "import xdist" 2> /dev/null; then par="-v -n $(( $(nproc --all) >= 16 ? 14 : 8 )) --dist load"; fi
   local pytest="$PY -m pytest -c $REPO/pyproject.toml --rootdir $REPO -p no:cacheprovider"
   if [ "$DRY" = 1 ]; then  # the selection collects, and the device-placement tests run interpreted
     $pytest -q --collect-only $files | tail -n 3
     $pytest -q $t/test_triton_chunk.py -k "fixed_cases and (wide or varlen)" $t/test_compile_cuda.py
   else
-    GRAPHDELTA_AUTOTUNE=0 $pytest -q -rfE $par $files
+    GRAPHDELTA_AUTOTUNE=0 $pytest -rfE --durations=15 ${par:--q} $files
   fi
 }
 
@@ -192,8 +205,8 @@ step 1_env 30 env_step
 step 2_configs 150 configs_step
 (cd /tmp && $PY "$REPO/tools/gpu_configs.py" --summary "$WORK"/configs/shard-*.jsonl) >> "$OUT/2_configs.log" 2>&1
 grep -E "^\||jobs, " "$OUT/2_configs.log" | tee -a "$SUMMARY"
-step 3_tests 160 tests_step
-step 4_replay 60 replay_step
-step 5_bench 120 bench_step
-step 6_sanitizer 90 sanitizer_step
+step 3_tests 200 tests_step
+step 4_replay 90 replay_step
+step 5_sanitizer 45 sanitizer_step
+step 6_bench 120 bench_step
 say "total $((SECONDS - START))s; logs and results.tgz in $OUT"

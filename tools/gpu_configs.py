@@ -203,7 +203,10 @@ def jobs(tiny: bool) -> list[tuple[Case, str, int]]:
             if case.op == "chunk" and case.layout == "vk" and kernel != "chunk_state_scan_kernel":
                 continue  # of the chunk stages only the scan reads and writes states
             out += [(case, kernel, i) for i in range(len(triton_autotune.TUNED[kernel][1]))]
-    return out
+    # config #0 of every case and kernel first, then #1, ...: a run stopped at its time limit has
+    # still checked every kernel (the first GPU run, in case order, never reached the recurrent
+    # and conv kernels)
+    return sorted(out, key=lambda job: job[2])
 
 
 def summary(paths: list[str]) -> int:

@@ -173,12 +173,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     results: dict = {}
+    start = time.perf_counter()
     model, _ = load_default_model(torch.float32, device)
+    # in the docstring's order, each announced with the seconds so far, so that a run stopped at
+    # the kit's cap shows where its time went
     with torch.no_grad():
-        replay_equals_eager(model, device, results)
-        step_times(model, device, results)
-        sampling_on_device(model, device, results)
-        moe_dispatch(device, results)
+        steps = [("replay equals eager", lambda: replay_equals_eager(model, device, results)),
+                  ("MoE dispatch", lambda: moe_dispatch(device, results)),
+                  ("step time", lambda: step_times(model, device, results)),
+                  ("sampling", lambda: sampling_on_device(model, device, results))]
+        for name, check in steps:
+            print(f"-- {name}, at +{time.perf_counter() - start:.0f} s", flush=True)
+            check()
         if device.type == "cuda" and torch.cuda.device_count() > 1:
             second = torch.device("cuda", 1)
             replay_equals_eager(model.to(second), second, results)
