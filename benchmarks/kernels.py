@@ -152,12 +152,12 @@ def decode_inputs(B: int, dtype, H: int = 16, HV: int = 32, D: int = 128):
     return q, k, v, g, beta
 
 
-def decode_tiles(sweep: bool) -> list[tuple[int, int]]:
-    """(BV, warps) of the decode kernel: the default, or the sweep's grid."""
+def decode_tiles(sweep: bool, layout: str) -> list[tuple[int, int]]:
+    """(BV, warps) of the decode kernel in ``layout``: the default, or the sweep's grid."""
     from graphdelta.lowering import triton_recurrent as tr
 
     if not sweep:
-        return [(tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS)]
+        return [tr.DECODE_TILE[layout]]
     return [(bv, w) for bv in (8, 16, 32, 64) for w in (1, 2, 4, 8)]
 
 
@@ -166,7 +166,6 @@ def bench_decode(batches: list[int], dtype, roof: dict, repeats: int, sweep: boo
     from graphdelta.lowering import triton_recurrent as tr
 
     rows = []
-    default = (tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS)
     for B in batches:
         q, k, v, g, beta = decode_inputs(B, dtype, H, HV, D)
         el = torch.finfo(dtype).bits // 8
@@ -174,8 +173,9 @@ def bench_decode(batches: list[int], dtype, roof: dict, repeats: int, sweep: boo
         for layout in ("kv", "vk"):
             pool = 0.1 * torch.randn(2 * B, HV, D, D, device=DEVICE)
             slots = torch.arange(0, 2 * B, 2, device=DEVICE, dtype=torch.int32)
-            for bv, warps in decode_tiles(sweep):
-                tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS = bv, warps  # read at each launch
+            default = tr.DECODE_TILE[layout]
+            for bv, warps in decode_tiles(sweep, layout):
+                tr.DECODE_TILE[layout] = (bv, warps)  # read at each launch
                 try:
                     step = replayed(lambda: torch.ops.graphdelta.gated_delta_rule_decode(
                         q, k, v, g, beta, pool, slots, D ** -0.5, True, layout, False), CUDA)
@@ -184,7 +184,7 @@ def bench_decode(batches: list[int], dtype, roof: dict, repeats: int, sweep: boo
                     print(f"decode B={B} {layout} BV={bv} warps={warps}: {type(e).__name__}: {e}", flush=True)
                     continue
                 finally:
-                    tr.DECODE_BLOCK_V, tr.DECODE_NUM_WARPS = default
+                    tr.DECODE_TILE[layout] = default
                 tag = "" if (bv, warps) == default else f" BV={bv} w={warps}"
                 rows.append({"kind": "decode", "case": f"decode B={B} {layout}{tag}",
                              "system": f"graphdelta-{layout}", "T": B, "BV": bv, "warps": warps,

@@ -34,12 +34,14 @@ from . import triton_autotune
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = tl.constexpr(L2NORM_EPS)  # of the in-kernel l2norm
 
-# The decode step runs with one fixed config rather than an autotuned one: autotuning would
-# apply the in-place update several times (or clone a pool that may fill the GPU), and a first
-# call inside CUDA-graph capture must not benchmark. BV=8 with one warp is fla's choice for the
-# same kernel shape; not yet measured here (no GPU was available when this was written).
-DECODE_BLOCK_V = 8
-DECODE_NUM_WARPS = 1
+# The decode step runs with one fixed (BV, num_warps) per state layout rather than an autotuned
+# one: autotuning would apply the in-place update several times (or clone a pool that may fill
+# the GPU), and a first call inside CUDA-graph capture must not benchmark. Chosen from the tile
+# sweep on an H200 (BENCHMARKS.md, 2026-12-04; bf16 inputs, fp32 pool, HV=32, K=V=128, replayed
+# from a CUDA graph): kv at BV=32 with 2 warps was the fastest or within 4% at batch 1, 64 and
+# 256 (fla's BV=8 with one warp took 1.25x and 1.31x as long at 64 and 256); vk at BV=8 with one
+# warp was the fastest at all three.
+DECODE_TILE = {"kv": (32, 2), "vk": (8, 1)}
 # Under the Triton interpreter each program costs ~2.5 ms, so fewer, wider programs.
 INTERPRET_BLOCK_V = 32
 
@@ -243,8 +245,8 @@ def fused_recurrent(
 
         fused_recurrent_kernel_tuned[grid](**kwargs)
     else:
-        BV = min(triton.next_power_of_2(V), DECODE_BLOCK_V if q.is_cuda else INTERPRET_BLOCK_V)
-        num_warps = DECODE_NUM_WARPS if q.is_cuda else 1
+        block_v, num_warps = DECODE_TILE[state_layout] if q.is_cuda else (INTERPRET_BLOCK_V, 1)
+        BV = min(triton.next_power_of_2(V), block_v)
         fused_recurrent_kernel[(triton.cdiv(V, BV), N * HV)](**kwargs, BV=BV, num_warps=num_warps)
     return o
 
