@@ -160,7 +160,9 @@ def test_load_keeps_what_transformers_keeps_in_float32(tmp_path, family):
     theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     dtypes = {n: p.dtype for n, p in theirs.named_parameters()}
     assert {n: p.dtype for n, p in ours.named_parameters()} == dtypes
-    assert torch.float32 in dtypes.values()
+    keeps = [getattr(type(theirs), f"_keep_in_fp32_modules{s}", None) for s in ("", "_strict")]
+    if any(keeps):  # (transformers 5.17's Kimi Linear keeps none: both stay all bf16)
+        assert torch.float32 in dtypes.values()
     x = models.tokens(9)
     with torch.no_grad():
         assert torch.equal(ours(x).logits, theirs(x).logits)
