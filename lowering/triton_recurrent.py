@@ -40,7 +40,9 @@ EPS = tl.constexpr(L2NORM_EPS)  # of the in-kernel l2norm
 # sweep on an H200 (BENCHMARKS.md, 2026-12-04; bf16 inputs, fp32 pool, HV=32, K=V=128, replayed
 # from a CUDA graph): kv at BV=32 with 2 warps was the fastest or within 4% at batch 1, 64 and
 # 256 (fla's BV=8 with one warp took 1.25x and 1.31x as long at 64 and 256); vk at BV=8 with one
-# warp was the fastest at all three.
+# warp was the fastest at all three. Measured for GDN's one-token step only; KDA and several-token
+# calls use the same tiles. The GPU tests and sanitizer of that lease ran kv at (8, 1): (32, 2)
+# is checked on a GPU by the kit's next run (the interpreter's tests run BV=32 already).
 DECODE_TILE = {"kv": (32, 2), "vk": (8, 1)}
 # Under the Triton interpreter each program costs ~2.5 ms, so fewer, wider programs.
 INTERPRET_BLOCK_V = 32

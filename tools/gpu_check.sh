@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check kit: everything graphdelta needs a GPU to check, in one device call of at most
-# under 10 minutes, most informative first. Each step writes its log into $OUT as it runs and has its
-# own time limit, so a step that hangs or a call that times out still returns what ran.
+# The GPU check kit: everything graphdelta needs a GPU to check, in one device call of under 10
+# minutes, most informative first. Each step writes its log into $OUT as it runs and has its own
+# time limit, so a step that hangs or a call that times out still returns what ran.
 #
 #   1 env        nvidia-smi, versions, the device's limits, the tools present
 #   2 configs    every autotune config of every kernel compiled, run and checked against the
@@ -12,17 +12,18 @@
 #   4 replay     the runtime's CUDA-graph decode against eager, window buckets, the MoE dispatch
 #                per device, sampling on the device, time per step (tools/gpu_replay.py)
 #   5 sanitizer  compute-sanitizer memcheck over every kernel on small shapes (tools/gpu_sanitize.py)
-#   6 bench      benchmarks/kernels.py --sweep: roofline, decode replayed at batch 1/64/256 with
-#                the tile sweep, prefill T=4k-32k against transformers and fla (if its wheel came
-#                along); last, since it only measures, and takes what is left of the budget
+#   6 bench      benchmarks/kernels.py: roofline, decode replayed at batch 1/64/256 (the tile
+#                sweep too with GPU_CHECK_SWEEP=1), prefill T=4k-32k against transformers and fla
+#                (if its wheel came along); last, since it only measures, with what is left
 #
 # The first run on a GPU (2026-12-04, BENCHMARKS.md) set the caps: the tests took over 160 s
-# with 14 workers, the configs about 150 s over 14 shards, the sanitizer 29 s; the replay had not
-# finished its first check after 43 s.
+# with 14 workers, the configs about 150 s over 14 shards (130 s reach most of them; config 0 of
+# every kernel comes first), the sanitizer 29 s; the replay had not finished its first check
+# after 43 s. What is left, about 75 s, goes to the bench.
 #
 # Usage:
 #   tools/gpu_check.sh          on the GPU machine (README, "GPU check kit", for the device call)
-#   GPU_CHECK_STEPS="3_tests 4_replay" GPU_CHECK_BUDGET=240 tools/gpu_check.sh
+#   GPU_CHECK_STEPS="4_replay 6_bench" GPU_CHECK_BUDGET=220 tools/gpu_check.sh
 #                               a rerun of chosen steps, after a fix, in what is left of a lease
 #   tools/gpu_check.sh --dry    here, without a GPU: every step on the CPU (the Triton interpreter,
 #                               tiny shapes), to prove the kit before a lease is spent on it
@@ -73,11 +74,19 @@ SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
+# chosen NAME: whether GPU_CHECK_STEPS (unset: every step) names step NAME
+chosen() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ " $GPU_CHECK_STEPS " == *" $1 "* ]]; }
+for s in ${GPU_CHECK_STEPS:-}; do
+  case $s in 1_env|2_configs|3_tests|4_replay|5_sanitizer|6_bench) ;;
+    *) echo "GPU_CHECK_STEPS: no step $s (1_env 2_configs 3_tests 4_replay 5_sanitizer 6_bench)" >&2; exit 2 ;;
+  esac
+done
+
 # step NAME CAP FUNCTION: run FUNCTION with at most CAP seconds (less if the budget is short),
 # its output into $OUT/NAME.log, its verdict and the log's last lines into the summary.
 step() {
   local name=$1 cap=$(($2 * SCALE)) fn=$3
-  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+  if ! chosen "$name"; then
     say "== $name: not chosen (GPU_CHECK_STEPS)"
     return
   fi
@@ -156,7 +165,7 @@ tests_step() {
   if $PY -c "import xdist" 2> /dev/null; then par="-v -n $(( $(nproc --all) >= 16 ? 14 : 8 )) --dist load"; fi
   # a test over 150 s fails with its stack (pytest-timeout, on the image) rather than running into
   # the step's cap unnamed: in the first run 3 of 227 tests had not ended when the cap came
-  if $PY -c "import pytest_timeout" 2> /dev/null; then par="$par --timeout 150"; fi
+  if $PY -c "import pytest_timeout" 2> /dev/null; then par="${par:--q} --timeout 150"; fi
   local pytest="$PY -m pytest -c $REPO/pyproject.toml --rootdir $REPO -p no:cacheprovider"
   if [ "$DRY" = 1 ]; then  # the selection collects, and the device-placement tests run interpreted
     $pytest -q --collect-only $files | tail -n 3
@@ -173,7 +182,10 @@ replay_step() {
 }
 
 bench_step() {
-  local args="--sweep --repeats 5" path=${FLA_PATH:+$FLA_PATH:}$PYTHONPATH
+  # the decode tiles are chosen (lowering/triton_recurrent.py); the sweep that chose them took
+  # over 100 s of the first run's 120, and left the prefill comparison out
+  local args="--repeats 5" path=${FLA_PATH:+$FLA_PATH:}$PYTHONPATH
+  if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then args="$args --sweep"; fi
   if [ "$DRY" = 1 ]; then args="--quick --sweep --repeats 1"; fi
   PYTHONPATH=$path $PY "$REPO/benchmarks/kernels.py" $args 2>&1 | tee "$WORK/bench.out"
   local rc=${PIPESTATUS[0]}
@@ -205,11 +217,13 @@ export -f env_step configs_step tests_step replay_step bench_step sanitizer_step
 say "graphdelta GPU check kit, $(git log -1 --format='%h %s' 2> /dev/null | cut -c1-72), $(date -u '+%Y-%m-%d %H:%M UTC'),\
  budget ${BUDGET}s$([ "$DRY" = 1 ] && echo ', DRY RUN (CPU, interpreter)')"
 step 1_env 30 env_step
-step 2_configs 150 configs_step
-(cd /tmp && $PY "$REPO/tools/gpu_configs.py" --summary "$WORK"/configs/shard-*.jsonl) >> "$OUT/2_configs.log" 2>&1
-grep -E "^\||jobs, " "$OUT/2_configs.log" | tee -a "$SUMMARY"
+step 2_configs 130 configs_step
+if chosen 2_configs; then
+  (cd /tmp && timeout 60 $PY "$REPO/tools/gpu_configs.py" --summary "$WORK"/configs/shard-*.jsonl) >> "$OUT/2_configs.log" 2>&1
+  grep -E "^\||jobs, " "$OUT/2_configs.log" | tee -a "$SUMMARY"
+fi
 step 3_tests 200 tests_step
 step 4_replay 90 replay_step
-step 5_sanitizer 45 sanitizer_step
+step 5_sanitizer 40 sanitizer_step
 step 6_bench 120 bench_step
 say "total $((SECONDS - START))s; logs and results.tgz in $OUT"

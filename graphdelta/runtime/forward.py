@@ -411,8 +411,8 @@ def experts_configs(model: nn.Module) -> list[Any]:
     nothing and a CUDA graph captured ``grouped_mm``'s host sync in fp32 (the first GPU check
     kit run, 2026-12-04)."""
     configs = {id(m.config): m.config for m in model.modules()
-               if hasattr(m, "config") and (hasattr(m, "_is_expert_parallel")
-                                            or (hasattr(m, "has_gate") and hasattr(m, "is_transposed")))}
+               if hasattr(getattr(m, "config", None), "_experts_implementation")
+               and (hasattr(m, "_is_expert_parallel") or (hasattr(m, "has_gate") and hasattr(m, "is_transposed")))}
     return list(configs.values())
 
 
