@@ -49,7 +49,10 @@ START=$SECONDS
 PY=${PYTHON:-python3}
 REPO=$PWD
 export PYTHONUNBUFFERED=1 GRAPHDELTA_BENCH_RESULTS=$WORK/bench TRITON_CACHE_DIR=$WORK/triton-cache
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} REPO WORK PY DRY
+# the machine's cores, counted once (nproc --all: a plain nproc obeys the OMP_NUM_THREADS=1 below,
+# and gave the first run on a GPU one configs shard, not 14, which timed out a quarter done)
+CORES=$(nproc --all)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} REPO WORK PY DRY CORES
 
 # graphdelta without installing it (the device machine has no network and its own torch): a
 # package folder of links, first on PYTHONPATH (graphdelta.lowering and .passes are top-level
@@ -113,7 +116,7 @@ step() {
 env_step() {
   date -u
   nvidia-smi || echo "no nvidia-smi"
-  uname -a; nproc --all; free -g | head -2
+  uname -a; echo "$CORES cores"; free -g | head -2
   which nvcc compute-sanitizer ncu cuobjdump || true
   $PY -m pip list 2> /dev/null | grep -iE "^(torch|triton|transformers|numpy|pytest|pytest-xdist|hypothesis|einops) " || true
   if [ -n "$FLA_PATH" ]; then PYTHONPATH=$FLA_PATH:$PYTHONPATH $PY -c "import fla; print('fla', fla.__version__)"
@@ -136,9 +139,7 @@ PYEOF
 configs_step() {
   mkdir -p "$WORK/configs"
   local n args=""
-  # (nproc --all: a plain nproc obeys OMP_NUM_THREADS=1, exported above, and gave one shard in the
-  # first run on a GPU, which then timed out with a quarter of the jobs done)
-  if [ "$DRY" = 1 ]; then n=2; args="--device cpu --tiny"; else n=$(( $(nproc --all) > 16 ? 14 : $(nproc --all) - 2 )); fi
+  if [ "$DRY" = 1 ]; then n=2; args="--device cpu --tiny"; else n=$(( CORES > 16 ? 14 : CORES - 2 )); fi
   [ "$n" -lt 1 ] && n=1
   local pids=() failed=0
   for i in $(seq 0 $((n - 1))); do
@@ -162,7 +163,7 @@ tests_step() {
     $t/test_compile_cuda.py $t/test_validation.py $t/test_ops.py $t/test_autotune.py
     $t/test_runtime.py::test_cuda_graph_replay_equals_eager_and_addresses_never_change"
   # -v: each test's verdict as it ends, so that a step stopped at its cap still names its failures
-  if $PY -c "import xdist" 2> /dev/null; then par="-v -n $(( $(nproc --all) >= 16 ? 14 : 8 )) --dist load"; fi
+  if $PY -c "import xdist" 2> /dev/null; then par="-v -n $(( CORES >= 16 ? 14 : 8 )) --dist load"; fi
   # a test over 150 s fails with its stack (pytest-timeout, on the image) rather than running into
   # the step's cap unnamed: in the first run 3 of 227 tests had not ended when the cap came
   if $PY -c "import pytest_timeout" 2> /dev/null; then par="${par:--q} --timeout 150"; fi
