@@ -5,19 +5,21 @@
 Multi-step decoding (vLLM's ``--num-scheduler-steps``) runs K greedy steps per call, each
 feeding its argmax to the next inside the compiled graph, so that what a call costs once (the
 runner's Python, the call into inductor's function, waking the OpenMP workers) is paid once per
-K tokens. The runtime does not do this; this measures what it would save. For each K it
-compiles the batch-1 decode step of one attention window with ``HybridForward.forward``
-unrolled K times (Dynamo reset, inductor's caches off, so ``compile_s`` is a fresh compile),
-checks its K tokens and logits against K single steps of the runtime's own step from the same
-(zeroed) cache, then times the replays (inductor's function called directly, as
-``common.compare_step_variants`` does) in turns over ``--rounds`` rounds of ``--steps`` calls.
+K tokens. The runtime does not do this; this measures what it would save on the step itself.
+For each K it compiles the batch-1 decode step of one attention window with
+``HybridForward.forward`` unrolled K times (Dynamo reset, inductor's caches off and its C++
+builds in a new temporary folder, so that ``compile_s`` is a first compile, as on a new
+machine), checks its K tokens and logits against K single steps of the runtime's own step from
+the same (zeroed) cache, stopping before any timing if they differ, then times the replays
+(inductor's function called directly, as ``common.compare_step_variants`` does) in turns over
+``--rounds`` rounds of ``--steps`` calls, after one untimed round.
 
-Columns: ``ms_per_call``, ``ms_per_token`` (a call over K), ``vs_single`` (K=1's time per token
-over this one's, the median over rounds), ``compile_s``, ``max_logit_diff`` (against the single
-steps) and ``tokens_equal``. The step's cost that scales with its ops (kernels, the buffers and
-views of each op, barriers) does not shrink with K; only the per-call part does.
-Writes step_tokens_per_call_<config>.{json,md,png} to the results folder
-(``common.results_dir()``).
+Columns: ``ms_per_call``, ``ms_per_token`` (a call over K), ``vs_single`` (K=1's time per
+token over this one's, the median over rounds), ``compile_s`` (the runner's construction
+included), ``max_logit_diff`` (against the single steps; K=1 is that reference) and
+``tokens_equal``. What a step costs for each of its ops (kernels, the buffers and views of each
+op, barriers) does not shrink with K; only the per-call part does. Writes
+step_tokens_per_call_<config>.{json,md,png} to the results folder (``common.results_dir()``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,18 @@ def unrolled(k: int):
     return mock.patch.object(HybridForward, "forward", forward)
 
 
+def agree(k: int, got: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-4) -> None:
+    """Raise, before anything is timed, unless a ``k``-token call's logits ``[1, k, V]`` give the
+    single steps' tokens and logits (``reference`` ``[1, >= k, V]``) within ``tolerance``."""
+    want = reference[:, :k]
+    if got.shape != want.shape:
+        raise RuntimeError(f"K={k}: the call gave logits of shape {tuple(got.shape)}, not {tuple(want.shape)}")
+    diff = float((got - want).abs().max())
+    if not (diff <= tolerance and torch.equal(got.argmax(-1), want.argmax(-1))):
+        raise RuntimeError(f"K={k}: the call's tokens {got.argmax(-1).tolist()} or logits (off by {diff:.3g}) "
+                           f"differ from the single steps' {want.argmax(-1).tolist()}: not timed")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-call", type=int, nargs="+", default=[1, 2, 4], help="tokens per compiled call (K)")
@@ -73,11 +86,16 @@ def main(argv=None) -> None:
             parser.error(f"--window {args.window}: must exceed the largest --per-call {max(args.per_call)}")
 
     args, model = parse_step_arguments(parser, argv, check)
+    from graphdelta.runtime.layers import ModelSpec
+
+    positions = ModelSpec.of_model(model).max_positions
+    if positions is not None and args.window > positions:
+        parser.error(f"--window {args.window}: past the model's max_position_embeddings={positions}")
     ks = sorted(set(args.per_call))
     start = args.window - max(ks)  # every K's tokens lie inside the window: positions start .. start + K - 1
     replays, compile_s, logits, reference = {}, {}, {}, None
-    builds = tempfile.mkdtemp(prefix="graphdelta-step-k-")
-    with (mock.patch.dict(os.environ, TORCHINDUCTOR_CACHE_DIR=builds), torch.no_grad(),
+    with (tempfile.TemporaryDirectory(prefix="graphdelta-step-k-") as builds,
+          mock.patch.dict(os.environ, TORCHINDUCTOR_CACHE_DIR=builds), torch.no_grad(),
           torch._inductor.config.patch(fx_graph_cache=False),
           torch._functorch.config.patch(enable_autograd_cache=False)):
         for k in ks:
@@ -97,9 +115,13 @@ def main(argv=None) -> None:
                 logits[k] = reference[:, :1]
             else:
                 logits[k] = replay(token, slot, positions).clone()
+                agree(k, logits[k], reference)
             print(f"K={k}: compiled in {compile_s[k]:.1f} s", flush=True)
         times: dict[int, list[float]] = {k: [] for k in ks}
         positions = torch.full((1,), start)
+        for replay in replays.values():  # warm, untimed
+            for _ in range(args.steps):
+                replay(token, slot, positions)
         for r in range(args.rounds):
             for k in ks if r % 2 == 0 else ks[::-1]:
                 replay = replays[k]
@@ -107,7 +129,6 @@ def main(argv=None) -> None:
                 for _ in range(args.steps):
                     replay(token, slot, positions)
                 times[k].append((time.perf_counter() - began) / args.steps * 1e3)
-    shutil.rmtree(builds, ignore_errors=True)
     rows = []
     for k in ks:
         ref = reference[:, :k]
