@@ -45,9 +45,9 @@ def unrolled(k: int):
     previous one's argmax, and returns the ``k`` logits ``[N, k, V]``. Prefill is unchanged."""
     from graphdelta.runtime.forward import HybridForward
 
-    base = HybridForward.forward
     if k == 1:
         return contextlib.nullcontext()
+    base = HybridForward.forward
 
     def forward(self, tokens, batch, aux=None, last_only=False, writes=None):
         if batch.packed or tokens.shape[1] != 1:
@@ -88,11 +88,12 @@ def main(argv=None) -> None:
     args, model = parse_step_arguments(parser, argv, check)
     from graphdelta.runtime.layers import ModelSpec
 
-    positions = ModelSpec.of_model(model).max_positions
-    if positions is not None and args.window > positions:
-        parser.error(f"--window {args.window}: past the model's max_position_embeddings={positions}")
+    limit = ModelSpec.of_model(model).max_positions
+    if limit is not None and args.window > limit:
+        parser.error(f"--window {args.window}: past the model's max_position_embeddings={limit}")
     ks = sorted(set(args.per_call))
-    start = args.window - max(ks)  # every K's tokens lie inside the window: positions start .. start + K - 1
+    # every K's tokens lie inside the window: positions start .. start + K - 1
+    start = torch.full((1,), args.window - max(ks))
     replays, compile_s, logits, reference = {}, {}, {}, None
     with (tempfile.TemporaryDirectory(prefix="graphdelta-step-k-") as builds,
           mock.patch.dict(os.environ, TORCHINDUCTOR_CACHE_DIR=builds), torch.no_grad(),
@@ -105,29 +106,27 @@ def main(argv=None) -> None:
                 _, replay, (token, slot, _) = replayed_step(model, args.window, f"{k}-token")
             compile_s[k] = time.perf_counter() - began
             replays[k] = replay
-            positions = torch.full((1,), start)
             if k == 1:  # the reference: max(ks) single steps from the zeroed cache
                 rows, t = [], token
                 for j in range(max(ks)):
-                    rows.append(replay(t, slot, positions + j)[:, -1].clone())
+                    rows.append(replay(t, slot, start + j)[:, -1].clone())
                     t = rows[-1].argmax(-1, keepdim=True)
                 reference = torch.stack(rows, 1)
                 logits[k] = reference[:, :1]
             else:
-                logits[k] = replay(token, slot, positions).clone()
+                logits[k] = replay(token, slot, start).clone()
                 agree(k, logits[k], reference)
             print(f"K={k}: compiled in {compile_s[k]:.1f} s", flush=True)
         times: dict[int, list[float]] = {k: [] for k in ks}
-        positions = torch.full((1,), start)
         for replay in replays.values():  # warm, untimed
             for _ in range(args.steps):
-                replay(token, slot, positions)
+                replay(token, slot, start)
         for r in range(args.rounds):
             for k in ks if r % 2 == 0 else ks[::-1]:
                 replay = replays[k]
                 began = time.perf_counter()
                 for _ in range(args.steps):
-                    replay(token, slot, positions)
+                    replay(token, slot, start)
                 times[k].append((time.perf_counter() - began) / args.steps * 1e3)
     rows = []
     for k in ks:
